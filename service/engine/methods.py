@@ -1,0 +1,220 @@
+"""The CAM method family, by name.
+
+Every method turns a layer's activations ``A`` (B, C, H, W) — and, for gradient methods, the
+gradients ``G = d y_c / d A`` of the selected logit — into one (B, H, W) map per image. Most
+methods only supply channel weights and the base class forms ``sum_k w_k A_k``; the few that do
+something else override :meth:`CamMethod.combine`. ReLU/threshold, normalisation and resizing are
+common to all and happen in :mod:`service.engine.explain`.
+
+Formulas and epsilons follow the reference library (pytorch-grad-cam) so that maps agree with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from service.errors import InvalidParameterError
+
+
+@dataclass
+class ScoreContext:
+    """What Score-CAM needs besides activations: the inputs and a way to run the model."""
+
+    inputs: torch.Tensor  # (B, 3, H, W) model inputs, one row per CAM row
+    targets: torch.Tensor  # (B,) class index per row
+    run_model: Callable[[torch.Tensor], torch.Tensor]  # masked inputs -> logits, no grad
+    batch_size: int
+
+
+class CamMethod:
+    """Base class: a method supplies channel weights, or overrides :meth:`combine`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    needs_gradients: ClassVar[bool] = True
+    needs_model: ClassVar[bool] = False
+
+    def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """Channel weights (B, C)."""
+        raise NotImplementedError
+
+    def combine(
+        self,
+        activations: torch.Tensor,
+        gradients: torch.Tensor | None,
+        score: ScoreContext | None = None,
+    ) -> torch.Tensor:
+        """The unrectified map (B, H, W): ``sum_k w_k A_k`` by default."""
+        assert gradients is not None
+        weights = self.weights(activations, gradients)
+        return torch.einsum("bc,bchw->bhw", weights, activations)
+
+
+class GradCAM(CamMethod):
+    """Grad-CAM (Selvaraju et al.): ``w_k = mean_u dy_c/dA_k(u)``."""
+
+    name = "gradcam"
+    description = "Grad-CAM: channel weights are the spatially averaged gradients (paper default)."
+
+    def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        return gradients.mean(dim=(2, 3))
+
+
+class GradCAMPlusPlus(CamMethod):
+    """Grad-CAM++ (Chattopadhyay et al.): second/third-order gradient terms weight positives."""
+
+    name = "gradcam++"
+    description = "Grad-CAM++: pixel-wise weighting of positive gradients; better for several objects."
+
+    def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        grads_2 = gradients.pow(2)
+        grads_3 = grads_2 * gradients
+        sum_activations = activations.sum(dim=(2, 3), keepdim=True)
+        aij = grads_2 / (2 * grads_2 + sum_activations * grads_3 + 1e-6)
+        aij = torch.where(gradients != 0, aij, torch.zeros_like(aij))
+        return (gradients.clamp(min=0) * aij).sum(dim=(2, 3))
+
+
+class XGradCAM(CamMethod):
+    """XGrad-CAM (Fu et al.): gradients weighted by normalised activations."""
+
+    name = "xgradcam"
+    description = "XGrad-CAM: gradients weighted by the activations' share of their channel sum."
+
+    def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        sum_activations = activations.sum(dim=(2, 3), keepdim=True)
+        return (gradients * activations / (sum_activations + 1e-7)).sum(dim=(2, 3))
+
+
+class HiResCAM(CamMethod):
+    """HiResCAM (Draelos & Carin): element-wise gradient x activation, summed over channels."""
+
+    name = "hirescam"
+    description = "HiResCAM: element-wise gradient times activation, no spatial pooling."
+
+    def combine(
+        self,
+        activations: torch.Tensor,
+        gradients: torch.Tensor | None,
+        score: ScoreContext | None = None,
+    ) -> torch.Tensor:
+        assert gradients is not None
+        return (gradients * activations).sum(dim=1)
+
+
+class LayerCAM(CamMethod):
+    """LayerCAM (Jiang et al.): ``sum_k ReLU(G_k) * A_k``; works well at shallow layers."""
+
+    name = "layercam"
+    description = "LayerCAM: positive gradients times activations; sharp maps at early layers."
+
+    def combine(
+        self,
+        activations: torch.Tensor,
+        gradients: torch.Tensor | None,
+        score: ScoreContext | None = None,
+    ) -> torch.Tensor:
+        assert gradients is not None
+        return (gradients.clamp(min=0) * activations).sum(dim=1)
+
+
+class EigenCAM(CamMethod):
+    """Eigen-CAM (Muhammad & Yeasin): first principal component of the activations.
+
+    Class-agnostic and gradient-free. The SVD's sign is arbitrary; it is fixed so that the
+    component agrees with the mean activation, which keeps the map's hot side the active one.
+    """
+
+    name = "eigencam"
+    description = "Eigen-CAM: first principal component of the activations (no gradients, class-agnostic)."
+    needs_gradients = False
+
+    def combine(
+        self,
+        activations: torch.Tensor,
+        gradients: torch.Tensor | None,
+        score: ScoreContext | None = None,
+    ) -> torch.Tensor:
+        batch, channels, height, width = activations.shape
+        flat = activations.reshape(batch, channels, height * width).transpose(1, 2)
+        flat = torch.nan_to_num(flat.double())
+        centred = flat - flat.mean(dim=1, keepdim=True)
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        projection = torch.einsum("bnc,bc->bn", centred, vh[:, 0, :])
+        mean_map = flat.mean(dim=2)
+        sign = torch.sign((projection * (mean_map - mean_map.mean(dim=1, keepdim=True))).sum(1))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        return (projection * sign[:, None]).float().reshape(batch, height, width)
+
+
+class ScoreCAM(CamMethod):
+    """Score-CAM (Wang et al.): each channel, upsampled and normalised, masks the input; the
+    masked input's target logit, softmaxed over channels, is that channel's weight.
+
+    Costs one forward pass per channel per image; the engine bounds it (``max_forward_passes``).
+    """
+
+    name = "scorecam"
+    description = "Score-CAM: channel weights from forward passes on activation-masked inputs (slow)."
+    needs_gradients = False
+    needs_model = True
+
+    def combine(
+        self,
+        activations: torch.Tensor,
+        gradients: torch.Tensor | None,
+        score: ScoreContext | None = None,
+    ) -> torch.Tensor:
+        assert score is not None
+        size = score.inputs.shape[-2:]
+        rows = []
+        for row in range(activations.shape[0]):
+            # align_corners=True matches the reference library's UpsamplingBilinear2d.
+            upsampled = F.interpolate(
+                activations[row : row + 1], size=size, mode="bilinear", align_corners=True
+            )[0]
+            flat = upsampled.reshape(upsampled.shape[0], -1)
+            mins = flat.min(dim=1).values[:, None, None]
+            maxs = flat.max(dim=1).values[:, None, None]
+            masks = (upsampled - mins) / (maxs - mins + 1e-8)
+            target = int(score.targets[row])
+            scores = []
+            for start in range(0, masks.shape[0], score.batch_size):
+                chunk = masks[start : start + score.batch_size]
+                masked = score.inputs[row][None] * chunk[:, None]
+                scores.append(score.run_model(masked)[:, target].float())
+            weights = torch.softmax(torch.cat(scores), dim=0)
+            rows.append(torch.einsum("c,chw->hw", weights, activations[row]))
+        return torch.stack(rows)
+
+
+METHODS: dict[str, CamMethod] = {
+    method.name: method
+    for method in (
+        GradCAM(),
+        GradCAMPlusPlus(),
+        XGradCAM(),
+        HiResCAM(),
+        LayerCAM(),
+        EigenCAM(),
+        ScoreCAM(),
+    )
+}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+def get_method(name: str) -> CamMethod:
+    """Look a method up by its API name."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise InvalidParameterError(
+            f"Unknown method '{name}'. Use one of: {', '.join(METHOD_NAMES)}.",
+            code="unknown_method",
+            allowed=METHOD_NAMES,
+        ) from None

@@ -1,0 +1,174 @@
+"""Image to tensor, the way the model was trained to see it, and maps back to the image.
+
+The preprocessing follows timm's eval transform (resize, crop, mean/std) but is written out here
+so that the geometry is known exactly: every map can be put back onto the uploaded image, at its
+own size and aspect ratio, with the parts the model never saw (cropped away) left at zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from service.engine.spec import CropMode, Interpolation, PreprocessOverrides
+
+_RESAMPLE: dict[str, Image.Resampling] = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything needed to turn an RGB image into the model's input tensor."""
+
+    input_size: tuple[int, int]  # (height, width)
+    interpolation: Interpolation
+    crop_pct: float
+    crop_mode: CropMode
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_timm(
+        cls, data_config: dict[str, object], overrides: PreprocessOverrides | None = None
+    ) -> PreprocessConfig:
+        """Build from ``timm.data.resolve_model_data_config`` output plus per-model overrides."""
+        size = data_config["input_size"]
+        assert isinstance(size, tuple)
+        interpolation = str(data_config.get("interpolation", "bicubic"))
+        if interpolation not in _RESAMPLE:
+            interpolation = "bicubic"
+        crop_mode = str(data_config.get("crop_mode", "center"))
+        if crop_mode not in ("center", "squash", "border"):
+            crop_mode = "center"
+        base = cls(
+            input_size=(int(size[-2]), int(size[-1])),
+            interpolation=interpolation,  # type: ignore[arg-type]
+            crop_pct=float(data_config.get("crop_pct", 1.0)),  # type: ignore[arg-type]
+            crop_mode=crop_mode,  # type: ignore[arg-type]
+            mean=tuple(float(v) for v in data_config["mean"]),  # type: ignore[arg-type,attr-defined]
+            std=tuple(float(v) for v in data_config["std"]),  # type: ignore[arg-type,attr-defined]
+        )
+        if overrides is None:
+            return base
+        return cls(
+            input_size=overrides.input_size or base.input_size,
+            interpolation=overrides.interpolation or base.interpolation,
+            crop_pct=overrides.crop_pct or base.crop_pct,
+            crop_mode=overrides.crop_mode or base.crop_mode,
+            mean=overrides.mean or base.mean,
+            std=overrides.std or base.std,
+        )
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the model's input sits in the original image.
+
+    A point at original pixel coordinate ``x`` (continuous, 0 at the left edge) lands at input
+    coordinate ``x * scale_x - offset_x``; likewise for ``y``.
+    """
+
+    original_size: tuple[int, int]  # (height, width)
+    input_size: tuple[int, int]  # (height, width)
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+
+    def crop_box(self) -> tuple[float, float, float, float]:
+        """The input's box in original pixel coordinates: (left, top, right, bottom), clipped."""
+        h, w = self.original_size
+        left = max(0.0, self.offset_x / self.scale_x)
+        top = max(0.0, self.offset_y / self.scale_y)
+        right = min(float(w), (self.offset_x + self.input_size[1]) / self.scale_x)
+        bottom = min(float(h), (self.offset_y + self.input_size[0]) / self.scale_y)
+        return (left, top, right, bottom)
+
+
+def _resize_plan(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int, int, int]:
+    """Return (resized_w, resized_h, left, top) of the crop window in the resized image.
+
+    Mirrors timm's ``transforms_imagenet_eval``: center mode resizes the shorter side to
+    ``size / crop_pct`` (both sides for non-square inputs) then center-crops; squash resizes both
+    sides; border fits the whole image inside and pads (negative offsets).
+    """
+    out_h, out_w = cfg.input_size
+    if cfg.crop_mode == "border":
+        scale = min(out_w / width, out_h / height)
+        rw, rh = max(1, round(width * scale)), max(1, round(height * scale))
+        return rw, rh, -((out_w - rw) // 2), -((out_h - rh) // 2)
+    scale_h = math.floor(out_h / cfg.crop_pct)
+    scale_w = math.floor(out_w / cfg.crop_pct)
+    if cfg.crop_mode == "center" and out_h == out_w:
+        short, long_ = (width, height) if width <= height else (height, width)
+        new_long = int(scale_h * long_ / short)
+        rw, rh = (scale_h, new_long) if width <= height else (new_long, scale_h)
+    else:
+        rw, rh = scale_w, scale_h
+    left = int(round((rw - out_w) / 2.0))
+    top = int(round((rh - out_h) / 2.0))
+    return rw, rh, left, top
+
+
+def preprocess(image: Image.Image, cfg: PreprocessConfig) -> tuple[torch.Tensor, Geometry]:
+    """Turn an RGB PIL image into a normalised (3, H, W) float32 tensor and its geometry."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+    out_h, out_w = cfg.input_size
+    rw, rh, left, top = _resize_plan(width, height, cfg)
+    resized = image.resize((rw, rh), _RESAMPLE[cfg.interpolation])
+    if left >= 0 and top >= 0:
+        window = resized.crop((left, top, left + out_w, top + out_h))
+    else:
+        fill = tuple(int(round(255 * m)) for m in cfg.mean)
+        window = Image.new("RGB", (out_w, out_h), fill)
+        window.paste(resized, (-left, -top))
+    array = np.asarray(window, dtype=np.float32) / 255.0
+    mean = np.asarray(cfg.mean, dtype=np.float32)
+    std = np.asarray(cfg.std, dtype=np.float32)
+    tensor = torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy())
+    geometry = Geometry(
+        original_size=(height, width),
+        input_size=(out_h, out_w),
+        scale_x=rw / width,
+        scale_y=rh / height,
+        offset_x=float(left),
+        offset_y=float(top),
+    )
+    return tensor, geometry
+
+
+def map_to_original(grid_map: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Resample a map covering the model input onto the original image's pixel grid.
+
+    Bilinear, with pixel-centre sampling (``align_corners=False``) and edge values held out to
+    the input's border. Pixels the model never saw (cropped away, or padding in border mode) get
+    0. The result is min-max normalised to [0, 1].
+    """
+    height, width = geometry.original_size
+    in_h, in_w = geometry.input_size
+    xs = (torch.arange(width, dtype=torch.float32) + 0.5) * geometry.scale_x - geometry.offset_x
+    ys = (torch.arange(height, dtype=torch.float32) + 0.5) * geometry.scale_y - geometry.offset_y
+    gx = (2.0 * xs / in_w - 1.0).view(1, width).expand(height, width)
+    gy = (2.0 * ys / in_h - 1.0).view(height, 1).expand(height, width)
+    grid = torch.stack((gx, gy), dim=-1).unsqueeze(0)
+    source = torch.from_numpy(np.ascontiguousarray(grid_map, dtype=np.float32))[None, None]
+    sampled = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    seen_x = ((xs >= 0) & (xs < in_w)).view(1, width)
+    seen_y = ((ys >= 0) & (ys < in_h)).view(height, 1)
+    out = torch.where(seen_x & seen_y, sampled[0, 0], torch.zeros(()))
+    out = out - out.min()
+    out = out / (out.max() + 1e-7)
+    return out.numpy()

@@ -1,0 +1,73 @@
+"""What a served model is: the typed description a models file or the settings provide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+CropMode = Literal["center", "squash", "border"]
+Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"]
+
+
+class PreprocessOverrides(BaseModel):
+    """Per-model overrides of the preprocessing that timm's data config gives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_size: tuple[int, int] | None = Field(
+        default=None, description="(height, width) fed to the network."
+    )
+    interpolation: Interpolation | None = None
+    crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
+    crop_mode: CropMode | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+class ModelSpec(BaseModel):
+    """One model to serve.
+
+    ``weights`` is ``"hub"`` (timm's pretrained weights from the hub or a warm cache),
+    ``"random"`` (random initialisation, only when asked for, and reported as such), or a path
+    to a local ``.safetensors`` file or a state dict (``.pt``/``.pth``/``.bin``, loaded with
+    ``weights_only=True``).
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Name in the API.")
+    architecture: str = Field(description="timm architecture name, e.g. resnet50.")
+    num_classes: int | None = Field(default=None, ge=1)
+    weights: str = "hub"
+    fallback_to_random: bool = Field(
+        default=False,
+        description="If hub weights cannot be fetched, start with random weights (labelled).",
+    )
+    labels: list[str] | None = None
+    labels_file: Path | None = None
+    default_layer: str | None = None
+    preprocessing: PreprocessOverrides = Field(default_factory=PreprocessOverrides)
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for timm.create_model."
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_form(cls, value: str) -> str:
+        if value in ("hub", "random"):
+            return value
+        suffix = Path(value).suffix.lower()
+        if suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+            raise ValueError(
+                "weights must be 'hub', 'random' or a path ending in .safetensors, .pt, .pth"
+                " or .bin"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_label_source(self) -> ModelSpec:
+        if self.labels is not None and self.labels_file is not None:
+            raise ValueError("give labels or labels_file, not both")
+        return self

@@ -86,6 +86,18 @@ class Geometry:
     offset_x: float
     offset_y: float
 
+    def resized(self, width: int, height: int) -> Geometry:
+        """The same mapping for the original image shown at (width, height) pixels."""
+        old_h, old_w = self.original_size
+        return Geometry(
+            original_size=(height, width),
+            input_size=self.input_size,
+            scale_x=self.scale_x * old_w / width,
+            scale_y=self.scale_y * old_h / height,
+            offset_x=self.offset_x,
+            offset_y=self.offset_y,
+        )
+
     def crop_box(self) -> tuple[float, float, float, float]:
         """The input's box in original pixel coordinates: (left, top, right, bottom), clipped."""
         h, w = self.original_size

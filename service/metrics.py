@@ -1,0 +1,69 @@
+"""Prometheus metrics, one registry per application instance (tests build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    """All metrics the service exports, in base units with Prometheus naming."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests_total = Counter(
+            "gradcam_http_requests_total",
+            "HTTP requests by endpoint, method and status.",
+            ["endpoint", "method", "status"],
+            registry=self.registry,
+        )
+        self.request_duration_seconds = Histogram(
+            "gradcam_http_request_duration_seconds",
+            "HTTP request latency by endpoint, method and status.",
+            ["endpoint", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight_requests = Gauge(
+            "gradcam_http_requests_in_flight",
+            "HTTP requests being served now.",
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "gradcam_batch_size",
+            "Images per batch run on a worker, by model and kind (predict/explain).",
+            ["model", "kind"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "gradcam_queue_depth",
+            "Images waiting for a worker, by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.batch_duration_seconds = Histogram(
+            "gradcam_batch_duration_seconds",
+            "Time a worker spends on one batch, by model and kind.",
+            ["model", "kind"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.worker_errors_total = Counter(
+            "gradcam_worker_errors_total",
+            "Batches that failed inside a worker, by model and error type.",
+            ["model", "error"],
+            registry=self.registry,
+        )
+        self.rejected_total = Counter(
+            "gradcam_rejected_total",
+            "Images refused before compute, by model and reason (overloaded, deadline).",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,323 @@
+"""The serving runtime: batching across callers, backpressure, deadlines, faults, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.engine.explain import ImageRequest, explain
+from service.engine.images import DecodedImage, decode_image
+from service.engine.preprocess import preprocess
+from service.engine.spec import ModelSpec
+from service.errors import (
+    DeadlineExceededError,
+    InvalidParameterError,
+    ModelNotReadyError,
+    OverloadedError,
+    UnknownModelError,
+    WorkerError,
+)
+from service.metrics import Metrics
+from service.runtime import runtime as runtime_module
+from service.runtime.config import RuntimeConfig
+from service.runtime.jobs import ExplainJob, OutputOptions, PredictJob
+from service.runtime.runtime import Runtime
+
+TINY = ModelSpec(
+    name="tiny",
+    architecture="resnet18",
+    num_classes=4,
+    weights="random",
+    labels=["cat", "dog", "bird", "fish"],
+    preprocessing={"input_size": (64, 64), "crop_pct": 1.0},
+)
+NO_RENDER = OutputOptions(heatmap=True, upsampled="none", overlay="none")
+
+
+def _image(seed: int, size: tuple[int, int] = (80, 96)) -> DecodedImage:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return decode_image(buffer.getvalue())
+
+
+def _run(coro_factory: Callable[[], Any]) -> Any:
+    return asyncio.run(coro_factory())
+
+
+async def _started(config: RuntimeConfig) -> Runtime:
+    runtime = Runtime([TINY], config, Metrics())
+    await runtime.start()
+    assert await runtime.wait_ready(120), runtime.statuses()
+    return runtime
+
+
+class _Gate:
+    """Holds every worker batch until released, counting the images that reach compute."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.open = threading.Event()
+        self.computed = 0
+        self.batches: list[int] = []
+        real = runtime_module._run_group
+
+        def gated(replica: Any, group: list[Any], config: RuntimeConfig) -> Any:
+            self.open.wait(timeout=30)
+            self.computed += len(group)
+            self.batches.append(len(group))
+            return real(replica, group, config)
+
+        monkeypatch.setattr(runtime_module, "_run_group", gated)
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Gate]:
+    g = _Gate(monkeypatch)
+    yield g
+    g.open.set()
+
+
+def test_concurrent_callers_with_different_targets_and_layers_get_their_own_maps() -> None:
+    images = [_image(i) for i in range(12)]
+    layers = [("layer4",), ("layer3",), ("layer4", "layer2")]
+
+    async def scenario() -> tuple[list[Any], Runtime]:
+        runtime = await _started(RuntimeConfig(max_batch_size=8, max_batch_wait_ms=50))
+        try:
+            jobs = [
+                ExplainJob(
+                    image=image,
+                    layers=layers[i % 3],
+                    targets=(i % 4,),
+                    outputs=NO_RENDER,
+                )
+                for i, image in enumerate(images)
+            ]
+            results = await asyncio.gather(*(runtime.explain("tiny", [job]) for job in jobs))
+            return results, runtime
+        finally:
+            await runtime.stop()
+
+    results, runtime = _run(scenario)
+    model = runtime._queues["tiny"].replicas[0]
+    assert max(r[0].timings.batch_size for r in results) > 1, "callers were never batched"
+    for i, (outcome,) in enumerate(results):
+        tensor, _ = preprocess(images[i].image, model.preprocessing)
+        alone = explain(
+            model, tensor[None], [ImageRequest(layers=layers[i % 3], targets=(i % 4,))]
+        ).maps[0]
+        assert [m.cam.layer for m in outcome.maps] == [m.layer for m in alone]
+        for got, want in zip(outcome.maps, alone, strict=True):
+            assert got.cam.target == i % 4
+            np.testing.assert_allclose(got.cam.input_map, want.input_map, atol=1e-5)
+            np.testing.assert_allclose(got.cam.grid, want.grid, rtol=1e-4, atol=1e-6)
+
+
+def test_predict_batches_and_returns_probabilities_per_image() -> None:
+    images = [_image(i) for i in range(5)]
+
+    async def scenario() -> list[Any]:
+        runtime = await _started(RuntimeConfig())
+        try:
+            return await runtime.predict("tiny", [PredictJob(image=im) for im in images])
+        finally:
+            await runtime.stop()
+
+    outcomes = _run(scenario)
+    assert len(outcomes) == 5
+    for outcome in outcomes:
+        assert outcome.probabilities.shape == (4,)
+        assert outcome.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_requests_past_the_queue_limit_are_refused_with_retry_after(gate: _Gate) -> None:
+    async def scenario() -> tuple[OverloadedError, list[Any]]:
+        runtime = await _started(RuntimeConfig(max_batch_size=2, max_queue_size=4))
+        try:
+            job = ExplainJob(image=_image(0), layers=("layer4",), outputs=NO_RENDER)
+            first = asyncio.create_task(runtime.explain("tiny", [job]))  # taken by the worker
+            await asyncio.sleep(0.2)
+            queued = [asyncio.create_task(runtime.explain("tiny", [job] * 2)) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            with pytest.raises(OverloadedError) as refused:
+                await runtime.explain("tiny", [job])
+            gate.open.set()
+            done = await asyncio.gather(first, *queued)
+            return refused.value, done
+        finally:
+            gate.open.set()
+            await runtime.stop()
+
+    refused, done = _run(scenario)
+    assert refused.retry_after_s is not None and refused.retry_after_s >= 1
+    assert "queued" in refused.detail
+    assert len(done) == 3, "requests under the limit must all be served"
+
+
+def test_deadline_answers_timeout_and_drops_queued_work(gate: _Gate) -> None:
+    async def scenario() -> None:
+        runtime = await _started(RuntimeConfig(request_timeout_s=0.5, max_batch_size=1))
+        try:
+            job = ExplainJob(image=_image(0), layers=("layer4",), outputs=NO_RENDER)
+            busy = asyncio.create_task(runtime.explain("tiny", [job]))
+            await asyncio.sleep(0.1)
+            with pytest.raises(DeadlineExceededError):
+                await runtime.explain("tiny", [job] * 3)
+            gate.open.set()
+            with pytest.raises(DeadlineExceededError):
+                await busy  # it was computing past its own deadline
+            await asyncio.sleep(0.5)
+        finally:
+            gate.open.set()
+            await runtime.stop()
+
+    _run(scenario)
+    assert gate.computed == 1, "the timed-out request's queued images must not be computed"
+
+
+def test_worker_fault_fails_only_its_batch_and_the_worker_carries_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = runtime_module._run_group
+    calls = {"n": 0}
+
+    def flaky(replica: Any, group: list[Any], config: RuntimeConfig) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated CUDA failure at /secret/path.py")
+        return real(replica, group, config)
+
+    monkeypatch.setattr(runtime_module, "_run_group", flaky)
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        runtime = Runtime([TINY], RuntimeConfig(max_batch_size=1), metrics)
+        await runtime.start()
+        assert await runtime.wait_ready(120)
+        try:
+            job = ExplainJob(image=_image(0), layers=("layer4",), outputs=NO_RENDER)
+            with pytest.raises(WorkerError) as failed:
+                await runtime.explain("tiny", [job])
+            assert "/secret" not in failed.value.detail
+            (after,) = await runtime.explain("tiny", [job])
+            assert after.maps
+        finally:
+            await runtime.stop()
+
+    _run(scenario)
+    assert b'gradcam_worker_errors_total{error="RuntimeError",model="tiny"} 1.0' in (
+        metrics.render()
+    )
+
+
+def test_out_of_memory_batch_is_retried_image_by_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = runtime_module._run_batch
+    sizes: list[int] = []
+
+    def oom_on_batches(replica: Any, group: list[Any], config: RuntimeConfig) -> Any:
+        sizes.append(len(group))
+        if len(group) > 1:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(replica, group, config)
+
+    monkeypatch.setattr(runtime_module, "_run_batch", oom_on_batches)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    async def scenario() -> list[Any]:
+        runtime = await _started(RuntimeConfig(max_batch_size=4, max_batch_wait_ms=100))
+        try:
+            job = ExplainJob(image=_image(1), layers=("layer4",), outputs=NO_RENDER)
+            return await runtime.explain("tiny", [job] * 3)
+        finally:
+            await runtime.stop()
+
+    outcomes = _run(scenario)
+    assert len(outcomes) == 3 and all(o.maps for o in outcomes)
+    assert sizes[0] == 3 and sizes[1:] == [1, 1, 1]
+
+
+def test_stop_finishes_queued_work_then_refuses_new_requests() -> None:
+    async def scenario() -> None:
+        runtime = await _started(RuntimeConfig(max_batch_size=2))
+        job = ExplainJob(image=_image(2), layers=("layer4",), outputs=NO_RENDER)
+        in_flight = [asyncio.create_task(runtime.explain("tiny", [job])) for _ in range(6)]
+        await asyncio.sleep(0.05)
+        await runtime.stop()
+        results = await asyncio.gather(*in_flight)
+        assert all(r[0].maps for r in results)
+        with pytest.raises(ModelNotReadyError):
+            await runtime.explain("tiny", [job])
+
+    _run(scenario)
+
+
+def test_unknown_model_and_not_ready_model_are_reported() -> None:
+    async def scenario() -> None:
+        runtime = Runtime([TINY], RuntimeConfig(), Metrics())
+        with pytest.raises(ModelNotReadyError):
+            runtime.model("tiny")  # not started: still loading
+        with pytest.raises(UnknownModelError) as unknown:
+            runtime.model("nope")
+        assert unknown.value.allowed == ["tiny"]
+        await runtime.stop()
+
+    _run(scenario)
+
+
+def test_scorecam_cost_is_bounded_per_request_before_queueing() -> None:
+    async def scenario() -> None:
+        runtime = await _started(RuntimeConfig(scorecam_max_forward_passes=100))
+        try:
+            job = ExplainJob(
+                image=_image(3), layers=("layer4",), method="scorecam", outputs=NO_RENDER
+            )
+            with pytest.raises(InvalidParameterError) as refused:
+                await runtime.explain("tiny", [job])
+            assert refused.value.code == "scorecam_too_costly"
+        finally:
+            await runtime.stop()
+
+    _run(scenario)
+
+
+def test_renderings_follow_the_output_options() -> None:
+    image = _image(4, size=(120, 90))
+
+    async def scenario() -> list[Any]:
+        runtime = await _started(RuntimeConfig())
+        try:
+            options = [
+                OutputOptions(upsampled="original", overlay="png"),
+                OutputOptions(upsampled="input", overlay="panel"),
+                OutputOptions(upsampled="none", overlay="none"),
+            ]
+            return [
+                (
+                    await runtime.explain(
+                        "tiny", [ExplainJob(image=image, layers=("layer3",), outputs=o)]
+                    )
+                )[0]
+                for o in options
+            ]
+        finally:
+            await runtime.stop()
+
+    original, panel, bare = _run(scenario)
+    first = original.maps[0]
+    assert first.upsampled is not None and first.upsampled.shape == (90, 120)
+    assert first.overlay is not None and first.overlay.startswith(b"\x89PNG")
+    assert first.overlay_size == (120, 90)
+    second = panel.maps[0]
+    assert second.upsampled is not None and second.upsampled.shape == (64, 64)
+    assert second.overlay_size is not None and second.overlay_size[0] > 3 * 120 // 2
+    assert bare.maps[0].overlay is None and bare.maps[0].upsampled is None
+

@@ -83,10 +83,10 @@ class LoadedModel:
         return self.preprocessing.input_size
 
     def autocast(self) -> AbstractContextManager[object]:
-        """Mixed precision on CUDA when configured; a no-op elsewhere."""
-        if self.autocast_dtype is None or self.device.type != "cuda":
+        """Mixed precision when configured (meant for CUDA; CPU autocast works, slowly)."""
+        if self.autocast_dtype is None:
             return nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def layer(self, name: str | None = None, index: int | None = None) -> LayerInfo:
         """Resolve a layer by module path or by the seed script's ``layer_index``."""

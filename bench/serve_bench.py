@@ -1,0 +1,322 @@
+"""Serving benchmark: the real server over HTTP on loopback, next to a naive baseline.
+
+Prints one markdown table (and writes it with ``--output``):
+
+- in-process ceiling: batched explain throughput of the engine alone (no HTTP, no decoding);
+- predict and explain over HTTP at several concurrencies: requests/s, p50, p99, errors, for
+  this service and for the naive baseline (``bench/naive_app.py``: one FastAPI endpoint calling
+  pytorch-grad-cam per request), measured in the same run;
+- resident memory of the server before and after many explain requests.
+
+Usage (from the repository root, in the project's venv with the ``bench`` extra):
+    python bench/serve_bench.py --output bench/results/serve_cpu.md
+All traffic goes to 127.0.0.1; every loop is bounded by a request count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class LevelResult:
+    system: str
+    endpoint: str
+    concurrency: int
+    requests: int
+    seconds: float
+    latencies: list[float]
+    errors: int
+    statuses: dict[int, int]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        return float(np.percentile(np.asarray(self.latencies) * 1000.0, q))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def jpeg(seed: int, size: int = 224) -> bytes:
+    rng = np.random.default_rng(seed)
+    base = rng.random((size // 8, size // 8, 3))
+    picture = Image.fromarray((base * 255).astype(np.uint8)).resize((size, size))
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/readyz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("server did not become ready in time")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+async def load(
+    url: str, images: list[bytes], concurrency: int, total: int, params: dict[str, str]
+) -> tuple[float, list[float], int, dict[int, int]]:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    counter = iter(range(total))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600.0, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal errors
+            for i in counter:
+                files = {"image": (f"img{i}.jpg", images[i % len(images)], "image/jpeg")}
+                started = time.perf_counter()
+                try:
+                    response = await client.post(url, files=files, data=params)
+                    status = response.status_code
+                except httpx.HTTPError:
+                    status = 0
+                latencies.append(time.perf_counter() - started)
+                statuses[status] = statuses.get(status, 0) + 1
+                if status != 200:
+                    errors += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return seconds, latencies, errors, statuses
+
+
+def run_levels(
+    system: str,
+    urls: dict[str, str],
+    images: list[bytes],
+    levels: list[int],
+    scale: float,
+    params: dict[str, dict[str, str]],
+) -> list[LevelResult]:
+    results = []
+    for endpoint, url in urls.items():
+        asyncio.run(load(url, images, 2, 4, params[endpoint]))  # warm-up
+        for concurrency in levels:
+            total = max(8, int(scale * max(16, 4 * concurrency)))
+            seconds, latencies, errors, statuses = asyncio.run(
+                load(url, images, concurrency, total, params[endpoint])
+            )
+            result = LevelResult(
+                system, endpoint, concurrency, total, seconds, latencies, errors, statuses
+            )
+            print(
+                f"  {system:8s} {endpoint:8s} c={concurrency:<3d} {result.rps:7.2f} req/s "
+                f"p50 {result.pct(50):8.1f} ms p99 {result.pct(99):8.1f} ms errors {errors}",
+                flush=True,
+            )
+            results.append(result)
+    return results
+
+
+def engine_ceiling(device: str, batch: int, repeats: int) -> float:
+    """Images/s of batched gradcam explain at layer4, engine only."""
+    from service.engine.explain import ImageRequest, explain
+    from service.engine.models import load_model
+    from service.engine.spec import ModelSpec
+
+    model = load_model(
+        ModelSpec(name="resnet50", architecture="resnet50", weights="random"), torch.device(device)
+    )
+    inputs = torch.randn(batch, 3, *model.input_size, device=model.device)
+    requests = [ImageRequest(layers=("layer4",))] * batch
+    explain(model, inputs, requests)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        explain(model, inputs, requests)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return batch / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies requests per level")
+    parser.add_argument("--memory-requests", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=8, help="server max batch size")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    images = [jpeg(seed) for seed in range(16)]
+    print("in-process ceiling ...", flush=True)
+    ceiling = engine_ceiling(device, args.batch, repeats=5)
+    print(f"  engine explain ceiling: {ceiling:.2f} images/s", flush=True)
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    models = [{"name": "resnet50", "architecture": "resnet50", "weights": "random"}]
+    env = dict(
+        os.environ,
+        GRADCAM_PORT=str(port),
+        GRADCAM_DEVICE=device,
+        GRADCAM_MODELS=json.dumps(models),
+        GRADCAM_MAX_BATCH_SIZE=str(args.batch),
+        GRADCAM_LOG_LEVEL="warning",
+    )
+    command = [str(Path(sys.executable).with_name("gradcam-service"))]
+    server = subprocess.Popen(command, env=env, cwd=ROOT)
+    rows: list[LevelResult] = []
+    try:
+        wait_ready(base, server)
+        urls = {
+            "predict": f"{base}/v1/models/resnet50/predict",
+            "explain": f"{base}/v1/models/resnet50/explain",
+        }
+        params = {"predict": {"top_k": "5"}, "explain": {}}
+        rows += run_levels("service", urls, images, args.levels, args.scale, params)
+        rss_before = rss_mb(server.pid)
+        print(f"memory: {args.memory_requests} explain requests at c=8 ...", flush=True)
+        seconds, _, mem_errors, _ = asyncio.run(
+            load(urls["explain"], images, 8, args.memory_requests, {})
+        )
+        rss_after = rss_mb(server.pid)
+        print(f"  RSS {rss_before:.0f} MB -> {rss_after:.0f} MB, errors {mem_errors}", flush=True)
+    finally:
+        stop(server)
+
+    if not args.skip_naive:
+        naive_port = free_port()
+        naive_env = dict(os.environ, CUDA_VISIBLE_DEVICES="" if device == "cpu" else "0")
+        naive = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.naive_app:app",
+                "--port",
+                str(naive_port),
+                "--log-level",
+                "warning",
+            ],
+            env=naive_env,
+            cwd=ROOT,
+        )
+        try:
+            naive_base = f"http://127.0.0.1:{naive_port}"
+            wait_ready(naive_base, naive)
+            urls = {"predict": f"{naive_base}/predict", "explain": f"{naive_base}/explain"}
+            rows += run_levels(
+                "naive", urls, images, args.levels, args.scale, {"predict": {}, "explain": {}}
+            )
+        finally:
+            stop(naive)
+
+    lines = [
+        f"Serving benchmark, {time.strftime('%Y-%m-%d')}, device {device}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}",
+        f"Command: python bench/serve_bench.py {' '.join(sys.argv[1:])}",
+        "",
+        f"In-process ceiling (engine explain, resnet50 layer4, batch {args.batch}): "
+        f"{ceiling:.2f} images/s",
+        "",
+        "| system | endpoint | concurrency | requests | req/s | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.system} | {r.endpoint} | {r.concurrency} | {r.requests} | {r.rps:.2f} | "
+            f"{r.pct(50):.1f} | {r.pct(99):.1f} | {r.errors} |"
+        )
+    lines.append("")
+
+    def find(system: str, endpoint: str, concurrency: int) -> LevelResult | None:
+        for r in rows:
+            if (r.system, r.endpoint, r.concurrency) == (system, endpoint, concurrency):
+                return r
+        return None
+
+    ours8 = find("service", "explain", 8)
+    naive8 = find("naive", "explain", 8)
+    ours32 = find("service", "explain", 32)
+    naive32 = find("naive", "explain", 32)
+    if ours8:
+        lines.append(
+            f"- explain at c=8 over HTTP / in-process ceiling: {ours8.rps / ceiling:.0%} "
+            "(target >= 70%)"
+        )
+    if ours8 and naive8:
+        lines.append(
+            f"- explain at c=8, service / naive: {ours8.rps / naive8.rps:.2f}x (target >= 2x)"
+        )
+    if ours32 and naive32:
+        lines.append(
+            f"- explain p99 at c=32: service {ours32.pct(99):.0f} ms vs naive "
+            f"{naive32.pct(99):.0f} ms (target: no worse)"
+        )
+    lines.append(
+        f"- resident memory before/after {args.memory_requests} explain requests: "
+        f"{rss_before:.0f} MB -> {rss_after:.0f} MB ({rss_after - rss_before:+.0f} MB, "
+        f"target < 50 MB growth), {mem_errors} errors"
+    )
+    table = "\n".join(lines)
+    print()
+    print(table)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

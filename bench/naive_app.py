@@ -18,7 +18,6 @@ from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 ARCH = os.environ.get("NAIVE_ARCH", "resnet50")
 LAYER = os.environ.get("NAIVE_LAYER", "layer4")

@@ -228,7 +228,7 @@ def main() -> None:
         rows += run_levels("service", urls, images, args.levels, args.scale, params)
         rss_before = rss_mb(server.pid)
         print(f"memory: {args.memory_requests} explain requests at c=8 ...", flush=True)
-        seconds, _, mem_errors, _ = asyncio.run(
+        _seconds, _, mem_errors, _ = asyncio.run(
             load(urls["explain"], images, 8, args.memory_requests, {})
         )
         rss_after = rss_mb(server.pid)

@@ -89,10 +89,8 @@ class LayerCapture:
                 captured = output.detach().clone()
                 self.outputs[name] = captured
                 return None
-            if output.requires_grad:
-                captured = output  # an earlier captured layer is upstream: stay in its graph
-            else:
-                captured = output.detach().requires_grad_(True)
+            # If an earlier captured layer is upstream, stay in its graph; else start a leaf.
+            captured = output if output.requires_grad else output.detach().requires_grad_(True)
             self.outputs[name] = captured
             return captured.clone()
 

@@ -123,8 +123,7 @@ def _targets(
             for target in request.targets:
                 if not 0 <= target < model.num_classes:
                     raise UnknownTargetError(
-                        f"Class index {target} is outside the model's {model.num_classes}"
-                        " classes.",
+                        f"Class index {target} is outside the model's {model.num_classes} classes.",
                         image_index=i,
                     )
             chosen.append(tuple(request.targets))
@@ -163,10 +162,10 @@ def explain(
 
     grad_mode = torch.enable_grad() if cam_method.needs_gradients else torch.no_grad()
     with grad_mode:
-        with LayerCapture(model.module, layer_names, with_grad=cam_method.needs_gradients) as cap:
-            with model.autocast():
-                logits = model.module(inputs)
-        outputs = cap.outputs
+        capture = LayerCapture(model.module, layer_names, with_grad=cam_method.needs_gradients)
+        with capture, model.autocast():
+            logits = model.module(inputs)
+        outputs = capture.outputs
         probabilities = torch.softmax(logits.detach().float(), dim=-1)
         targets = _targets(model, probabilities, requests)
 
@@ -185,7 +184,8 @@ def explain(
 
         def run_model(masked: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode(), model.autocast():
-                return model.module(masked)
+                logits: torch.Tensor = model.module(masked)
+            return logits
 
         probs_cpu = probabilities.cpu()
         logits_cpu = logits.detach().float().cpu()

@@ -14,6 +14,7 @@ reflects what really runs at the configured input size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -67,10 +68,8 @@ def _token_grid(
     if patch_embed is not None:
         dynamic = getattr(patch_embed, "dynamic_feat_size", None)
         if callable(dynamic):
-            try:
+            with contextlib.suppress(Exception):  # some patch embeds only take their own size
                 candidates.append(tuple(int(v) for v in dynamic(input_size)))  # type: ignore[arg-type]
-            except Exception:  # noqa: S110 - some patch embeds only accept their own size
-                pass
         grid_size = getattr(patch_embed, "grid_size", None)
         if grid_size is not None:
             candidates.append((int(grid_size[0]), int(grid_size[1])))
@@ -134,7 +133,7 @@ def discover_layers(
         return hook
 
     handles = [
-        module.register_forward_hook(make_hook(name))  # type: ignore[arg-type]
+        module.register_forward_hook(make_hook(name))
         for name, module in model.named_modules()
         if name
     ]

@@ -69,7 +69,9 @@ class GradCAMPlusPlus(CamMethod):
     """Grad-CAM++ (Chattopadhyay et al.): second/third-order gradient terms weight positives."""
 
     name = "gradcam++"
-    description = "Grad-CAM++: pixel-wise weighting of positive gradients; better for several objects."
+    description = (
+        "Grad-CAM++: pixel-wise weighting of positive gradients; better for several objects."
+    )
 
     def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         grads_2 = gradients.pow(2)
@@ -131,7 +133,9 @@ class EigenCAM(CamMethod):
     """
 
     name = "eigencam"
-    description = "Eigen-CAM: first principal component of the activations (no gradients, class-agnostic)."
+    description = (
+        "Eigen-CAM: first principal component of the activations (no gradients, class-agnostic)."
+    )
     needs_gradients = False
 
     def combine(
@@ -160,7 +164,9 @@ class ScoreCAM(CamMethod):
     """
 
     name = "scorecam"
-    description = "Score-CAM: channel weights from forward passes on activation-masked inputs (slow)."
+    description = (
+        "Score-CAM: channel weights from forward passes on activation-masked inputs (slow)."
+    )
     needs_gradients = False
     needs_model = True
 

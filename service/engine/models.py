@@ -153,7 +153,7 @@ def _create(spec: ModelSpec, pretrained: bool) -> nn.Module:
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
     try:
-        return timm.create_model(spec.architecture, pretrained=pretrained, **kwargs)  # type: ignore[no-any-return]
+        return timm.create_model(spec.architecture, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ModelLoadError(
@@ -166,8 +166,10 @@ def _unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "model_state_dict", "module"):
             inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and all(
-                isinstance(v, torch.Tensor) for v in inner.values()
+            if (
+                isinstance(inner, Mapping)
+                and inner
+                and all(isinstance(v, torch.Tensor) for v in inner.values())
             ):
                 obj = inner
                 break
@@ -195,7 +197,9 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return _unwrap_state_dict(obj)
 
 
-def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str) -> None:
+def load_state_dict_strict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], origin: str
+) -> None:
     """Load ``state`` into ``model``, or fail naming the first mismatched keys."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -262,7 +266,7 @@ def _labels(spec: ModelSpec, num_classes: int) -> list[str]:
             labels = [line.strip() for line in text.splitlines() if line.strip()]
     if labels is None:
         if num_classes == 1000:
-            from timm.data import ImageNetInfo
+            from timm.data.imagenet_info import ImageNetInfo
 
             info = ImageNetInfo()
             return [info.index_to_description(i) for i in range(1000)]
@@ -294,7 +298,7 @@ def load_model(
     warmup: bool = True,
 ) -> LoadedModel:
     """Build, load and warm up a model: eval mode, frozen parameters, on ``device``."""
-    from timm.data import resolve_model_data_config
+    from timm.data.config import resolve_model_data_config
 
     module, weights = _build(spec)
     module.eval()
@@ -304,7 +308,7 @@ def load_model(
     num_classes = int(head) if isinstance(head, int) and head > 0 else spec.num_classes or 0
     if num_classes <= 0:
         raise ModelLoadError(f"Model '{spec.name}' has no classifier head to explain.")
-    data_config = _input_size(module, resolve_model_data_config(module))
+    data_config = _input_size(module, resolve_model_data_config(module))  # type: ignore[no-untyped-call]
     preprocessing = PreprocessConfig.from_timm(data_config, spec.preprocessing)
     layers = discover_layers(module, preprocessing.input_size, device)
     default = spec.default_layer or default_layer_name(module, layers)

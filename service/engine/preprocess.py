@@ -128,8 +128,8 @@ def _resize_plan(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, i
         rw, rh = (scale_h, new_long) if width <= height else (new_long, scale_h)
     else:
         rw, rh = scale_w, scale_h
-    left = int(round((rw - out_w) / 2.0))
-    top = int(round((rh - out_h) / 2.0))
+    left = round((rw - out_w) / 2.0)
+    top = round((rh - out_h) / 2.0)
     return rw, rh, left, top
 
 
@@ -144,7 +144,7 @@ def preprocess(image: Image.Image, cfg: PreprocessConfig) -> tuple[torch.Tensor,
     if left >= 0 and top >= 0:
         window = resized.crop((left, top, left + out_w, top + out_h))
     else:
-        fill = tuple(int(round(255 * m)) for m in cfg.mean)
+        fill = tuple(round(255 * m) for m in cfg.mean)
         window = Image.new("RGB", (out_w, out_h), fill)
         window.paste(resized, (-left, -top))
     array = np.asarray(window, dtype=np.float32) / 255.0
@@ -177,7 +177,9 @@ def map_to_original(grid_map: np.ndarray, geometry: Geometry) -> np.ndarray:
     gy = (2.0 * ys / in_h - 1.0).view(height, 1).expand(height, width)
     grid = torch.stack((gx, gy), dim=-1).unsqueeze(0)
     source = torch.from_numpy(np.ascontiguousarray(grid_map, dtype=np.float32))[None, None]
-    sampled = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    sampled = F.grid_sample(
+        source, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     seen_x = ((xs >= 0) & (xs < in_w)).view(1, width)
     seen_y = ((ys >= 0) & (ys < in_h)).view(height, 1)
     out = torch.where(seen_x & seen_y, sampled[0, 0], torch.zeros(()))

@@ -24,12 +24,20 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal, TypeVar
 
 import numpy as np
 import torch
 
-from service.engine.explain import ExplainResult, ImageRequest, PostProcess, explain, predict
+from service.engine.explain import (
+    CamMap,
+    ExplainResult,
+    ImageRequest,
+    PostProcess,
+    explain,
+    predict,
+)
 from service.engine.images import DecodedImage, decode_image
 from service.engine.models import LoadedModel, load_model, resolve_device
 from service.engine.preprocess import Geometry, map_to_original, preprocess
@@ -93,7 +101,7 @@ class _Computed:
     """What a worker returns for one item."""
 
     probabilities: np.ndarray
-    maps: list[object]
+    maps: list[CamMap]
     batch_size: int
     queue_s: float
     compute_s: float
@@ -159,7 +167,7 @@ class Runtime:
 
     def _devices(self) -> list[torch.device]:
         device = resolve_device(self._config.device)
-        if device.type == "cuda" and device.index is None:
+        if device.type == "cuda" and self._config.device in ("auto", "cuda"):
             return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
         return [device]
 
@@ -181,8 +189,7 @@ class Runtime:
                     for _ in range(self._config.workers_per_device):
                         started = time.perf_counter()
                         replica = await loop.run_in_executor(
-                            None,
-                            lambda d=device: load_model(spec, d, autocast_dtype=autocast),
+                            None, partial(load_model, spec, device, autocast_dtype=autocast)
                         )
                         mq.replicas.append(replica)
                         logger.info(
@@ -243,9 +250,7 @@ class Runtime:
             reason = status.error if status.state == "failed" else status.state
             if self._closing:
                 reason = "the service is shutting down"
-            raise ModelNotReadyError(
-                f"Model '{name}' is not ready ({reason}).", retry_after_s=5.0
-            )
+            raise ModelNotReadyError(f"Model '{name}' is not ready ({reason}).", retry_after_s=5.0)
         return self._queues[name].replicas[0]
 
     # ----------------------------------------------------------------- CPU pool
@@ -298,7 +303,7 @@ class Runtime:
         started = time.perf_counter()
         cfg = model.preprocessing
         prepared = await asyncio.gather(
-            *(self._on_cpu(lambda im=image: preprocess(im.image, cfg)) for image in images)
+            *(self._on_cpu(partial(preprocess, image.image, cfg)) for image in images)
         )
         seconds = (time.perf_counter() - started) / max(1, len(images))
         return [t for t, _ in prepared], [g for _, g in prepared], seconds
@@ -489,8 +494,7 @@ class Runtime:
             error: ServiceError = exc
         elif isinstance(exc, torch.cuda.OutOfMemoryError):
             error = WorkerError(
-                "The device ran out of memory for this batch; retry with fewer or smaller"
-                " images.",
+                "The device ran out of memory for this batch; retry with fewer or smaller images.",
                 code="out_of_memory",
             )
         else:
@@ -509,7 +513,7 @@ class Runtime:
 
 def _run_group(
     replica: LoadedModel, group: list[_WorkItem], config: RuntimeConfig
-) -> list[tuple[np.ndarray, list[object]]]:
+) -> list[tuple[np.ndarray, list[CamMap]]]:
     """Run one homogeneous batch on a replica (in the replica's own thread)."""
     try:
         return _run_batch(replica, group, config)
@@ -518,7 +522,7 @@ def _run_group(
         if len(group) == 1:
             raise
     # Out of memory on a batch: run its images one at a time so each caller gets its own fate.
-    results: list[tuple[np.ndarray, list[object]]] = []
+    results: list[tuple[np.ndarray, list[CamMap]]] = []
     for item in group:
         results.append(_run_batch(replica, [item], config)[0])
     return results
@@ -526,7 +530,7 @@ def _run_group(
 
 def _run_batch(
     replica: LoadedModel, group: list[_WorkItem], config: RuntimeConfig
-) -> list[tuple[np.ndarray, list[object]]]:
+) -> list[tuple[np.ndarray, list[CamMap]]]:
     inputs = torch.stack([item.tensor for item in group]).to(replica.device)
     if group[0].kind == "predict":
         probabilities = predict(replica, inputs)
@@ -564,8 +568,7 @@ def _render(
         overlay_image = np.asarray(shown)
         overlay_geometry = geometry.resized(width, height)
     for cam in computed.maps:
-        assert hasattr(cam, "grid_normalized")
-        out = RenderedMap(cam=cam)  # type: ignore[arg-type]
+        out = RenderedMap(cam=cam)
         if options.upsampled == "input":
             out.upsampled = cam.input_map
         elif options.upsampled == "original":
@@ -580,7 +583,9 @@ def _render(
                 )
                 fmt = "png"
             else:
-                picture = overlay(overlay_image, heat, colormap=options.colormap, alpha=options.alpha)
+                picture = overlay(
+                    overlay_image, heat, colormap=options.colormap, alpha=options.alpha
+                )
                 fmt = options.overlay
             out.overlay = encode_image(picture, fmt)
             out.overlay_media_type = MEDIA_TYPES[fmt]

@@ -158,7 +158,8 @@ def test_requests_past_the_queue_limit_are_refused_with_retry_after(gate: _Gate)
             await runtime.stop()
 
     refused, done = _run(scenario)
-    assert refused.retry_after_s is not None and refused.retry_after_s >= 1
+    assert refused.retry_after_s is not None
+    assert refused.retry_after_s >= 1
     assert "queued" in refused.detail
     assert len(done) == 3, "requests under the limit must all be served"
 
@@ -241,8 +242,10 @@ def test_out_of_memory_batch_is_retried_image_by_image(monkeypatch: pytest.Monke
             await runtime.stop()
 
     outcomes = _run(scenario)
-    assert len(outcomes) == 3 and all(o.maps for o in outcomes)
-    assert sizes[0] == 3 and sizes[1:] == [1, 1, 1]
+    assert len(outcomes) == 3
+    assert all(o.maps for o in outcomes)
+    assert sizes[0] == 3
+    assert sizes[1:] == [1, 1, 1]
 
 
 def test_stop_finishes_queued_work_then_refuses_new_requests() -> None:
@@ -313,11 +316,15 @@ def test_renderings_follow_the_output_options() -> None:
 
     original, panel, bare = _run(scenario)
     first = original.maps[0]
-    assert first.upsampled is not None and first.upsampled.shape == (90, 120)
-    assert first.overlay is not None and first.overlay.startswith(b"\x89PNG")
+    assert first.upsampled is not None
+    assert first.upsampled.shape == (90, 120)
+    assert first.overlay is not None
+    assert first.overlay.startswith(b"\x89PNG")
     assert first.overlay_size == (120, 90)
     second = panel.maps[0]
-    assert second.upsampled is not None and second.upsampled.shape == (64, 64)
-    assert second.overlay_size is not None and second.overlay_size[0] > 3 * 120 // 2
-    assert bare.maps[0].overlay is None and bare.maps[0].upsampled is None
-
+    assert second.upsampled is not None
+    assert second.upsampled.shape == (64, 64)
+    assert second.overlay_size is not None
+    assert second.overlay_size[0] > 3 * 120 // 2
+    assert bare.maps[0].overlay is None
+    assert bare.maps[0].upsampled is None

@@ -18,10 +18,11 @@ queued items are dropped before they cost compute.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -134,6 +135,9 @@ class Runtime:
         self._cpu = ThreadPoolExecutor(config.cpu_workers, thread_name_prefix="gradcam-cpu")
         self._loader: asyncio.Task[None] | None = None
         self._closing = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._ready_event = asyncio.Event()
 
     # ----------------------------------------------------------------- lifecycle
@@ -222,11 +226,14 @@ class Runtime:
             self._ready_event.set()
 
     async def stop(self) -> None:
-        """Refuse new work, finish what is queued or running, then release the threads."""
+        """Refuse new work, finish the requests already accepted, then release the threads."""
         self._closing = True
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
             await asyncio.gather(self._loader, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            # Accepted requests end by their deadline at the latest.
+            await asyncio.wait_for(self._idle.wait(), self._config.request_timeout_s + 1.0)
         for mq in self._queues.values():
             for _ in mq.workers:
                 mq.queue.put_nowait(None)  # after every queued item: FIFO drains first
@@ -286,7 +293,12 @@ class Runtime:
         """Explain images; batched with other callers' images."""
         return await self._deadline(model, self._explain(model, jobs))
 
-    async def _deadline(self, model: str, work: Awaitable[T]) -> T:
+    async def _deadline(self, model: str, work: Coroutine[object, object, T]) -> T:
+        if self._closing:
+            work.close()
+            raise ModelNotReadyError("The service is shutting down.", retry_after_s=5.0)
+        self._in_flight += 1
+        self._idle.clear()
         try:
             async with asyncio.timeout(self._config.request_timeout_s):
                 return await work
@@ -296,6 +308,10 @@ class Runtime:
                 f"The request did not finish within {self._config.request_timeout_s:g} s; its"
                 " remaining work was dropped. Retry later or send fewer images."
             ) from None
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
     async def _prepare(
         self, model: LoadedModel, images: Sequence[DecodedImage]
@@ -391,7 +407,7 @@ class Runtime:
     async def _submit(self, name: str, items: list[_WorkItem]) -> list[_Computed]:
         """Queue a request's items together, or refuse them all; await their results."""
         mq = self._queues.get(name)
-        if mq is None or self._closing:
+        if mq is None:
             raise ModelNotReadyError(f"Model '{name}' is not ready.", retry_after_s=5.0)
         if mq.depth + len(items) > mq.max_size:
             self._metrics.rejected_total.labels(name, "overloaded").inc(len(items))

@@ -1,0 +1,229 @@
+"""Service settings: one typed ``Settings`` object read from ``GRADCAM_*`` environment variables.
+
+The HTTP layer reads it through :func:`get_settings` (a FastAPI dependency that tests override);
+the runtime gets the plain :class:`~service.runtime.config.RuntimeConfig` it maps onto, and the
+models come from ``GRADCAM_MODELS_FILE`` (YAML or JSON) when set, else ``GRADCAM_MODELS``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.engine.images import DEFAULT_LIMITS, ImageLimits
+from service.engine.spec import ModelSpec
+from service.runtime.config import AutocastMode, RuntimeConfig
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+_DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+_RUNTIME = RuntimeConfig()
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message says which setting and why."""
+
+
+def _default_models() -> list[ModelSpec]:
+    return [
+        ModelSpec(name="resnet50", architecture="resnet50", weights="hub", fallback_to_random=True)
+    ]
+
+
+def _validation_summary(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def load_models_file(path: Path) -> list[ModelSpec]:
+    """Read ``{"models": [ModelSpec, ...]}`` from a YAML or JSON file.
+
+    Relative weight and label file paths are taken relative to the file's own folder, so a
+    models file and its weights can be moved together. Raises :class:`ConfigError` with a
+    sentence naming the file and the faulty entry.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"GRADCAM_MODELS_FILE: cannot read {path} ({exc.strerror or type(exc).__name__})."
+        ) from exc
+    try:
+        data: Any = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"GRADCAM_MODELS_FILE: {path} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise ConfigError(
+            f"GRADCAM_MODELS_FILE: {path} must hold a mapping with a 'models' list, e.g."
+            " 'models: [{name: resnet50, architecture: resnet50, weights: hub}]'."
+        )
+    unknown = sorted(set(data) - {"models"})
+    if unknown:
+        raise ConfigError(
+            f"GRADCAM_MODELS_FILE: {path} has unknown top-level keys: {', '.join(unknown)}."
+        )
+    entries: list[Any] = data["models"]
+    if not entries:
+        raise ConfigError(f"GRADCAM_MODELS_FILE: {path} lists no models.")
+    specs: list[ModelSpec] = []
+    for position, entry in enumerate(entries):
+        if isinstance(entry, dict):
+            entry = _relative_to(entry, path.parent)
+        try:
+            specs.append(ModelSpec.model_validate(entry))
+        except ValidationError as exc:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            which = f"models[{position}]" + (f" ({name})" if name else "")
+            raise ConfigError(
+                f"GRADCAM_MODELS_FILE: {path}: {which}: {_validation_summary(exc)}"
+            ) from exc
+    _check_unique(specs, str(path))
+    return specs
+
+
+def _relative_to(entry: dict[str, Any], folder: Path) -> dict[str, Any]:
+    entry = dict(entry)
+    weights = entry.get("weights")
+    if isinstance(weights, str) and weights not in ("hub", "random"):
+        entry["weights"] = str(_resolve(weights, folder))
+    labels_file = entry.get("labels_file")
+    if isinstance(labels_file, str):
+        entry["labels_file"] = str(_resolve(labels_file, folder))
+    return entry
+
+
+def _resolve(value: str, folder: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else folder / path
+
+
+def _check_unique(specs: list[ModelSpec], origin: str) -> None:
+    names = [spec.name for spec in specs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(
+            f"{origin}: model names must be unique; repeated: {', '.join(duplicates)}."
+        )
+
+
+class Settings(BaseSettings):
+    """Everything configurable, from ``GRADCAM_<FIELD>`` environment variables.
+
+    Lists (``GRADCAM_MODELS``) are given as JSON. Unknown ``GRADCAM_*`` variables are ignored.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="GRADCAM_",
+        env_file=None,
+        extra="ignore",
+        validate_default=True,
+        protected_namespaces=(),
+    )
+
+    # ---------------------------------------------------------------- server
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on.")
+    log_level: LogLevel = Field(default="info", description="Logging level.")
+    graceful_shutdown_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, how long in-flight requests may take before they are cut.",
+    )
+
+    # ---------------------------------------------------------------- models
+    device: str = Field(
+        default="auto",
+        pattern=_DEVICE_PATTERN,
+        description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
+    )
+    models_file: Path | None = Field(
+        default=None,
+        description="YAML or JSON file with a 'models' list; wins over GRADCAM_MODELS.",
+    )
+    models: list[ModelSpec] = Field(
+        default_factory=_default_models,
+        min_length=1,
+        description="Models to serve, as a JSON list of model specs.",
+    )
+
+    # ---------------------------------------------------------------- request limits
+    max_upload_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024, description="Largest request body accepted (413)."
+    )
+    max_images_per_request: int = Field(
+        default=16, ge=1, le=1024, description="Most images in one request (422)."
+    )
+    max_image_pixels: int = Field(
+        default=DEFAULT_LIMITS.max_pixels, ge=1, description="Largest decoded image, in pixels."
+    )
+    max_image_side: int = Field(
+        default=DEFAULT_LIMITS.max_side, ge=1, description="Largest image width or height."
+    )
+
+    # ---------------------------------------------------------------- runtime
+    workers_per_device: int = Field(default=_RUNTIME.workers_per_device, ge=1, le=64)
+    cpu_workers: int = Field(default=_RUNTIME.cpu_workers, ge=1, le=256)
+    max_batch_size: int = Field(default=_RUNTIME.max_batch_size, ge=1, le=1024)
+    max_batch_wait_ms: float = Field(default=_RUNTIME.max_batch_wait_ms, ge=0, le=10_000)
+    max_queue_size: int = Field(default=_RUNTIME.max_queue_size, ge=1)
+    request_timeout_s: float = Field(default=_RUNTIME.request_timeout_s, gt=0)
+    autocast: AutocastMode = Field(default=_RUNTIME.autocast)
+    scorecam_max_forward_passes: int = Field(default=_RUNTIME.scorecam_max_forward_passes, ge=1)
+    scorecam_batch_size: int = Field(default=_RUNTIME.scorecam_batch_size, ge=1)
+
+    @field_validator("log_level", "device", "autocast", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("models_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> Settings:
+        try:
+            _check_unique(self.models, "GRADCAM_MODELS")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def runtime_config(self) -> RuntimeConfig:
+        """The runtime's view of these settings."""
+        return RuntimeConfig(
+            device=self.device,
+            workers_per_device=self.workers_per_device,
+            cpu_workers=self.cpu_workers,
+            max_batch_size=self.max_batch_size,
+            max_batch_wait_ms=self.max_batch_wait_ms,
+            max_queue_size=self.max_queue_size,
+            request_timeout_s=self.request_timeout_s,
+            autocast=self.autocast,
+            scorecam_max_forward_passes=self.scorecam_max_forward_passes,
+            scorecam_batch_size=self.scorecam_batch_size,
+            image_limits=ImageLimits(
+                max_pixels=self.max_image_pixels, max_side=self.max_image_side
+            ),
+        )
+
+    def model_specs(self) -> list[ModelSpec]:
+        """The models to serve: from ``models_file`` when set, else ``models``."""
+        if self.models_file is not None:
+            return load_models_file(self.models_file)
+        return list(self.models)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (a FastAPI dependency; tests override it)."""
+    return Settings()

@@ -1,0 +1,325 @@
+"""Every /v1 endpoint on its success path, multipart and JSON, with tiny random-weight models."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.engine.methods import METHOD_NAMES
+
+ImageFactory = Callable[..., bytes]
+
+
+def _files(*blobs: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("image", (f"image{i}.png", blob, "image/png")) for i, blob in enumerate(blobs)]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _array(payload: dict[str, Any]) -> np.ndarray:
+    """Decode a map payload, whatever its encoding, into a float32 array of its shape."""
+    assert payload["dtype"] == "float32"
+    if payload["encoding"] == "base64":
+        raw = base64.b64decode(payload["data"])
+        return np.frombuffer(raw, dtype="<f4").reshape(payload["shape"])
+    array = np.asarray(payload["data"], dtype=np.float32)
+    assert list(array.shape) == payload["shape"]
+    return array
+
+
+def test_livez(client: TestClient) -> None:
+    response = client.get("/livez")
+    assert response.status_code == 200, response.text
+    assert response.json() == {"status": "alive"}
+
+
+def test_readyz_lists_every_model_ready(client: TestClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "ready"
+    assert {name: m["state"] for name, m in body["models"].items()} == {
+        "tiny": "ready",
+        "vit": "ready",
+    }
+
+
+def test_list_models(client: TestClient) -> None:
+    response = client.get("/v1/models")
+    assert response.status_code == 200, response.text
+    models = {m["name"]: m for m in response.json()["models"]}
+    assert set(models) == {"tiny", "vit"}
+    assert models["tiny"]["state"] == "ready"
+    assert models["tiny"]["weights"]["random"] is True
+
+
+def test_describe_model_flags_random_weights(client: TestClient) -> None:
+    response = client.get("/v1/models/tiny")
+    assert response.status_code == 200, response.text
+    info = response.json()
+    assert info["name"] == "tiny"
+    assert info["architecture"] == "resnet18"
+    assert info["num_classes"] == 4
+    assert info["labels"] == ["cat", "dog", "bird", "fish"]
+    assert info["input_size"] == [64, 64]
+    assert info["preprocessing"]["crop_pct"] == 1.0
+    assert len(info["preprocessing"]["mean"]) == 3
+    assert info["default_layer"] == "layer4"
+    assert info["device"] == "cpu"
+    assert info["ready"] is True
+    assert info["weights"] == {
+        "source": "random",
+        "location": None,
+        "random": True,
+        "note": "requested",
+    }
+
+
+def test_layers_of_a_cnn(client: TestClient) -> None:
+    response = client.get("/v1/models/tiny/layers")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["default_layer"] == "layer4"
+    layers = {layer["name"]: layer for layer in body["layers"]}
+    assert layers["layer4"] == {
+        "name": "layer4",
+        "module_type": "Sequential",
+        "output_shape": [512, 2, 2],
+        "layout": "channels_first",
+        "grid": [2, 2],
+        "channels": 512,
+        "prefix_tokens": 0,
+        "layer_index": 2,
+    }
+    assert layers["layer1"]["layer_index"] == 5
+
+
+def test_layers_of_a_vit_drop_the_class_token(client: TestClient) -> None:
+    response = client.get("/v1/models/vit/layers")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["default_layer"] == "blocks.1.norm1"
+    layer = next(lay for lay in body["layers"] if lay["name"] == body["default_layer"])
+    assert layer["layout"] == "tokens"
+    assert layer["prefix_tokens"] == 1
+    assert layer["grid"] == [4, 4]
+
+
+def test_predict_multipart_one_result_per_image(
+    client: TestClient, make_image: ImageFactory
+) -> None:
+    first, second = make_image(80, 60, seed=1), make_image(33, 47, "JPEG", seed=2)
+    response = client.post(
+        "/v1/models/tiny/predict", files=_files(first, second), data={"top_k": "3"}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "tiny"
+    assert body["random_weights"] is True
+    assert any("RANDOM" in warning for warning in body["warnings"])
+    results = body["results"]
+    assert [r["index"] for r in results] == [0, 1]
+    assert results[0]["original"] == {"width": 80, "height": 60, "mode": "RGB", "format": "PNG"}
+    assert results[1]["original"]["format"] == "JPEG"
+    for result in results:
+        predictions = result["predictions"]
+        assert len(predictions) == 3
+        probabilities = [p["probability"] for p in predictions]
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert all(p["label"] == ["cat", "dog", "bird", "fish"][p["index"]] for p in predictions)
+        timings = result["timings"]
+        assert timings["batch_size"] >= 1
+        assert timings["compute_ms"] > 0
+
+
+def test_predict_top_k_is_capped_at_the_number_of_classes(client: TestClient, png: bytes) -> None:
+    response = client.post("/v1/models/tiny/predict", files=_files(png), data={"top_k": "50"})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["results"][0]["predictions"]
+    assert sorted(p["index"] for p in predictions) == [0, 1, 2, 3]
+    assert sum(p["probability"] for p in predictions) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_json_base64_matches_multipart(client: TestClient, png: bytes) -> None:
+    multipart = client.post("/v1/models/tiny/predict", files=_files(png))
+    as_json = client.post(
+        "/v1/models/tiny/predict",
+        json={"images": [{"data": _b64(png)}, {"data": "data:image/png;base64," + _b64(png)}]},
+    )
+    assert multipart.status_code == 200, multipart.text
+    assert as_json.status_code == 200, as_json.text
+    expected = multipart.json()["results"][0]["predictions"]
+    for result in as_json.json()["results"]:
+        got = result["predictions"]
+        assert [p["index"] for p in got] == [p["index"] for p in expected]
+        assert [p["probability"] for p in got] == pytest.approx(
+            [p["probability"] for p in expected], abs=1e-5
+        )
+
+
+def test_explain_default_layer_and_top_class(client: TestClient, png: bytes) -> None:
+    response = client.post("/v1/models/tiny/explain", files=_files(png))
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    (explanation,) = result["explanations"]
+    assert explanation["layer"] == "layer4"
+    assert explanation["method"] == "gradcam"
+    assert explanation["target"]["index"] == result["predictions"][0]["index"]
+    assert set(explanation["target"]) == {"index", "label", "probability", "logit"}
+    heatmap = _array(explanation["heatmap"])
+    assert heatmap.shape == (2, 2)
+    assert heatmap.min() >= 0.0
+    assert heatmap.max() <= 1.0
+    assert explanation["raw_range"]["min"] <= explanation["raw_range"]["max"]
+    overlay = explanation["overlay"]
+    assert overlay["media_type"] == "image/png"
+    picture = Image.open(io.BytesIO(base64.b64decode(overlay["data"])))
+    assert picture.format == "PNG"
+    assert picture.size == (overlay["width"], overlay["height"]) == (80, 60)
+    assert explanation["upsampled"] is None
+    assert result["timings"]["render_ms"] >= 0
+
+
+def test_explain_every_target_and_layer_in_order(client: TestClient, png: bytes) -> None:
+    response = client.post(
+        "/v1/models/tiny/explain",
+        files=_files(png),
+        data={"layer": ["layer4", "layer3"], "target": ["dog", "3"], "overlay": "none"},
+    )
+    assert response.status_code == 200, response.text
+    explanations = response.json()["results"][0]["explanations"]
+    assert [(e["target"]["index"], e["layer"]) for e in explanations] == [
+        (1, "layer4"),
+        (1, "layer3"),
+        (3, "layer4"),
+        (3, "layer3"),
+    ]
+    assert [e["target"]["label"] for e in explanations] == ["dog", "dog", "fish", "fish"]
+    assert _array(explanations[1]["heatmap"]).shape == (4, 4)
+    assert all(e["overlay"] is None for e in explanations)
+
+
+def test_explain_layer_index_is_the_original_scripts_layer_idx(
+    client: TestClient, png: bytes
+) -> None:
+    response = client.post(
+        "/v1/models/tiny/explain",
+        files=_files(png),
+        data={"layer_index": "5", "overlay": "none"},
+    )
+    assert response.status_code == 200, response.text
+    (explanation,) = response.json()["results"][0]["explanations"]
+    assert explanation["layer"] == "layer1"
+    assert _array(explanation["heatmap"]).shape == (16, 16)
+
+
+def test_explain_heatmap_list_and_base64_decode_to_the_same_array(
+    client: TestClient, png: bytes
+) -> None:
+    common = {"layer": "layer3", "upsampled": "original", "overlay": "none"}
+    as_list = client.post(
+        "/v1/models/tiny/explain", files=_files(png), data={**common, "encoding": "list"}
+    )
+    as_b64 = client.post(
+        "/v1/models/tiny/explain", files=_files(png), data={**common, "encoding": "base64"}
+    )
+    assert as_list.status_code == 200, as_list.text
+    assert as_b64.status_code == 200, as_b64.text
+    listed = as_list.json()["results"][0]["explanations"][0]
+    packed = as_b64.json()["results"][0]["explanations"][0]
+    assert packed["heatmap"]["encoding"] == "base64"
+    np.testing.assert_array_equal(_array(listed["heatmap"]), _array(packed["heatmap"]))
+    upsampled = _array(packed["upsampled"])
+    assert upsampled.shape == (60, 80)
+    assert packed["upsampled"]["size"] == "original"
+    np.testing.assert_array_equal(_array(listed["upsampled"]), upsampled)
+
+
+def test_explain_json_body_with_options(client: TestClient, png: bytes) -> None:
+    response = client.post(
+        "/v1/models/tiny/explain",
+        json={
+            "images": [{"data": _b64(png)}],
+            "layer": "layer4",
+            "target": [0, "bird"],
+            "method": "gradcam++",
+            "threshold": 0.125,
+            "colormap": "viridis",
+            "alpha": 0.3,
+            "overlay": "jpeg",
+            "heatmap": False,
+            "upsampled": "input",
+            "encoding": "base64",
+        },
+    )
+    assert response.status_code == 200, response.text
+    explanations = response.json()["results"][0]["explanations"]
+    assert [e["target"]["label"] for e in explanations] == ["cat", "bird"]
+    for explanation in explanations:
+        assert explanation["method"] == "gradcam++"
+        assert explanation["heatmap"] is None
+        assert explanation["overlay"]["media_type"] == "image/jpeg"
+        upsampled = _array(explanation["upsampled"])
+        assert upsampled.shape == (64, 64)
+        assert explanation["upsampled"]["size"] == "input"
+        # The threshold floor: nothing under 1/8 of the peak once normalised.
+        assert upsampled.min() >= 0.125 - 1e-3 or upsampled.max() == 0.0
+
+
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m != "scorecam"])
+def test_explain_every_fast_method(client: TestClient, png: bytes, method: str) -> None:
+    response = client.post(
+        "/v1/models/tiny/explain",
+        files=_files(png),
+        data={"method": method, "overlay": "none"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["explanations"][0]["method"] == method
+
+
+def test_explain_vit_panel_overlay(client: TestClient, make_image: ImageFactory) -> None:
+    image = make_image(40, 50, seed=3)
+    response = client.post(
+        "/v1/models/vit/explain", files=_files(image), data={"overlay": "panel", "top_k": "2"}
+    )
+    assert response.status_code == 200, response.text
+    explanations = response.json()["results"][0]["explanations"]
+    assert len(explanations) == 2
+    for explanation in explanations:
+        assert explanation["layer"] == "blocks.1.norm1"
+        assert _array(explanation["heatmap"]).shape == (4, 4)
+        assert explanation["overlay"]["media_type"] == "image/png"
+        panel = Image.open(io.BytesIO(base64.b64decode(explanation["overlay"]["data"])))
+        assert panel.size == (explanation["overlay"]["width"], explanation["overlay"]["height"])
+
+
+def test_explain_several_images_each_get_their_own(
+    client: TestClient, make_image: ImageFactory
+) -> None:
+    images = [make_image(64, 64, seed=s) for s in range(3)]
+    response = client.post(
+        "/v1/models/tiny/explain", files=_files(*images), data={"overlay": "none"}
+    )
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["index"] for r in results] == [0, 1, 2]
+    maps = [_array(r["explanations"][0]["heatmap"]) for r in results]
+    assert not np.array_equal(maps[0], maps[1])
+
+
+def test_grey_and_palette_images_are_accepted(client: TestClient, make_image: ImageFactory) -> None:
+    grey = make_image(30, 30, mode="L")
+    palette = make_image(30, 30, fmt="GIF", mode="P")
+    response = client.post("/v1/models/tiny/predict", files=_files(grey, palette))
+    assert response.status_code == 200, response.text
+    modes = [r["original"]["mode"] for r in response.json()["results"]]
+    assert modes == ["L", "P"]

@@ -1,0 +1,130 @@
+"""The README's start command, for real: a server process, HTTP calls, SIGTERM, clean exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+SCRIPT = Path(sys.executable).parent / "gradcam-service"
+TINY = {
+    "name": "tiny",
+    "architecture": "resnet18",
+    "num_classes": 4,
+    "weights": "random",
+    "labels": ["cat", "dog", "bird", "fish"],
+    "preprocessing": {"input_size": [64, 64], "crop_pct": 1.0},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_ready(base: str, process: subprocess.Popen[str], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not become ready")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="gradcam-service is not installed (pip -e .)")
+def test_console_script_serves_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, make_image: Callable[..., bytes]
+) -> None:
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GRADCAM_")} | {
+        "GRADCAM_PORT": str(port),
+        "GRADCAM_DEVICE": "cpu",
+        "GRADCAM_MODELS": json.dumps([TINY]),
+        "GRADCAM_CPU_WORKERS": "1",
+        "GRADCAM_GRACEFUL_SHUTDOWN_S": "10",
+    }
+    log = (tmp_path / "server.log").open("w+")
+    process = subprocess.Popen(
+        [str(SCRIPT)], env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(base, process)
+        image = make_image(50, 40)
+        with httpx.Client(base_url=base, timeout=60) as http:
+            predict = http.post(
+                "/v1/models/tiny/predict",
+                files={"image": ("x.png", image, "image/png")},
+                data={"top_k": "2"},
+            )
+            assert predict.status_code == 200, predict.text
+            assert len(predict.json()["results"][0]["predictions"]) == 2
+
+            explain = http.post(
+                "/v1/models/tiny/explain",
+                files={"image": ("x.png", image, "image/png")},
+                data={"layer": "layer4", "target": "dog", "encoding": "base64"},
+            )
+            assert explain.status_code == 200, explain.text
+            (explanation,) = explain.json()["results"][0]["explanations"]
+            assert explanation["target"]["label"] == "dog"
+            assert explanation["overlay"]["media_type"] == "image/png"
+
+            problem = http.get("/v1/models/absent")
+            assert problem.status_code == 404
+            assert problem.headers["content-type"] == "application/problem+json"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert "Traceback" not in output, output
+    access = [line for line in output.splitlines() if " service.access " in line]
+    assert any("path=/v1/models/{model}/explain status=200" in line for line in access), output
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("GRADCAM_MODELS_FILE", "/nonexistent/models.yaml", "cannot read"),
+        ("GRADCAM_PORT", "70000", "GRADCAM_PORT"),
+    ],
+)
+def test_bad_configuration_exits_2_with_a_clear_message(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    env = {key: val for key, val in os.environ.items() if not key.startswith("GRADCAM_")}
+    env[variable] = value
+    result = subprocess.run(
+        [sys.executable, "-m", "service"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

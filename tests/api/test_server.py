@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -128,3 +129,52 @@ def test_bad_configuration_exits_2_with_a_clear_message(
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="gradcam-service is not installed (pip -e .)")
+def test_sigterm_finishes_in_flight_requests_before_exiting(
+    tmp_path: Path, make_image: Callable[..., bytes]
+) -> None:
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GRADCAM_")} | {
+        "GRADCAM_PORT": str(port),
+        "GRADCAM_DEVICE": "cpu",
+        "GRADCAM_MODELS": json.dumps([TINY]),
+        "GRADCAM_MAX_BATCH_SIZE": "1",
+        "GRADCAM_GRACEFUL_SHUTDOWN_S": "60",
+    }
+    log = (tmp_path / "server.log").open("w+")
+    process = subprocess.Popen(
+        [str(SCRIPT)], env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    base = f"http://127.0.0.1:{port}"
+    image = make_image(50, 40)
+
+    def explain_slowly() -> int:
+        # Score-CAM on layer1 (64 channels) costs 64 forward passes: long enough to be in flight.
+        response = httpx.post(
+            f"{base}/v1/models/tiny/explain",
+            files={"image": ("x.png", image, "image/png")},
+            data={"layer": "layer1", "method": "scorecam", "overlay": "none"},
+            timeout=120,
+        )
+        return response.status_code
+
+    try:
+        _wait_ready(base, process)
+        with ThreadPoolExecutor(4) as pool:
+            in_flight = [pool.submit(explain_slowly) for _ in range(4)]
+            time.sleep(0.5)
+            assert not all(f.done() for f in in_flight), "requests finished before SIGTERM"
+            process.send_signal(signal.SIGTERM)
+            statuses = [f.result(timeout=120) for f in in_flight]
+        assert statuses == [200, 200, 200, 200]
+        assert process.wait(timeout=60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{base}/livez", timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()

@@ -181,7 +181,9 @@ def default_layer_name(model: nn.Module, layers: list[LayerInfo]) -> str | None:
     """
     names = {layer.name for layer in layers}
     blocks = getattr(model, "blocks", None)
-    if getattr(model, "global_pool", None) == "token" and isinstance(blocks, nn.Sequential):
+    if getattr(model, "global_pool", None) == "token" and isinstance(
+        blocks, nn.Sequential | nn.ModuleList
+    ):
         candidate = f"blocks.{len(blocks) - 1}.norm1"
         if candidate in names:
             return candidate

@@ -152,23 +152,30 @@ def test_sigterm_finishes_in_flight_requests_before_exiting(
     image = make_image(50, 40)
 
     def explain_slowly() -> int:
-        # Score-CAM on layer1 (64 channels) costs 64 forward passes: long enough to be in flight.
+        # Score-CAM on layer1 (64 channels) for all 4 classes: 256 forward passes per request.
         response = httpx.post(
             f"{base}/v1/models/tiny/explain",
             files={"image": ("x.png", image, "image/png")},
-            data={"layer": "layer1", "method": "scorecam", "overlay": "none"},
+            data={"layer": "layer1", "method": "scorecam", "top_k": "4", "overlay": "none"},
             timeout=120,
         )
         return response.status_code
 
+    def in_flight() -> float:
+        text = httpx.get(f"{base}/metrics", timeout=5).text
+        line = next(x for x in text.splitlines() if x.startswith("gradcam_http_requests_in_flight"))
+        return float(line.split()[-1]) - 1.0  # not counting this /metrics request
+
     try:
         _wait_ready(base, process)
         with ThreadPoolExecutor(4) as pool:
-            in_flight = [pool.submit(explain_slowly) for _ in range(4)]
-            time.sleep(0.5)
-            assert not all(f.done() for f in in_flight), "requests finished before SIGTERM"
+            requests = [pool.submit(explain_slowly) for _ in range(4)]
+            deadline = time.monotonic() + 30
+            while in_flight() < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert in_flight() == 4, "the four requests were not in flight together"
             process.send_signal(signal.SIGTERM)
-            statuses = [f.result(timeout=120) for f in in_flight]
+            statuses = [f.result(timeout=120) for f in requests]
         assert statuses == [200, 200, 200, 200]
         assert process.wait(timeout=60) == 0
         with pytest.raises(httpx.TransportError):

@@ -597,6 +597,11 @@ class Explanation(BaseModel):
     heatmap: MapArray | None = Field(
         default=None, description="The map on the layer's feature grid, normalised to [0, 1]."
     )
+    raw_heatmap: MapArray | None = Field(
+        default=None,
+        description="The same feature-grid map in the layer's own units: rectified (ReLU or"
+        " threshold floor) but not normalised. Comparable across images and classes.",
+    )
     raw_range: ValueRange = Field(description="Range of the map before rectification/scaling.")
     upsampled: UpsampledMap | None = None
     overlay: Overlay | None = None
@@ -640,6 +645,12 @@ class ExplainResponse(BaseModel):
                                     "dtype": "float32",
                                     "encoding": "list",
                                     "data": [[0.0, 0.25], [0.5, 1.0]],
+                                },
+                                "raw_heatmap": {
+                                    "shape": [2, 2],
+                                    "dtype": "float32",
+                                    "encoding": "list",
+                                    "data": [[0.0, 0.6], [1.2, 2.4]],
                                 },
                                 "raw_range": {"min": -0.8, "max": 2.4},
                                 "overlay": {
@@ -710,6 +721,9 @@ class ExplainResponse(BaseModel):
                             MapArray.encode(cam.grid_normalized, params.encoding)
                             if params.heatmap
                             else None
+                        ),
+                        raw_heatmap=(
+                            MapArray.encode(cam.grid, params.encoding) if params.heatmap else None
                         ),
                         raw_range=ValueRange(min=cam.raw_min, max=cam.raw_max),
                         upsampled=upsampled,

@@ -118,6 +118,7 @@ class _ModelQueue:
         self.workers: list[asyncio.Task[None]] = []
         self.executors: list[ThreadPoolExecutor] = []
         self.batch_seconds = 0.0  # EWMA of batch duration, for Retry-After
+        self.preparing = 0  # requests being preprocessed: images about to arrive
 
 
 class Runtime:
@@ -318,9 +319,15 @@ class Runtime:
     ) -> tuple[list[torch.Tensor], list[Geometry], float]:
         started = time.perf_counter()
         cfg = model.preprocessing
-        prepared = await asyncio.gather(
-            *(self._on_cpu(partial(preprocess, image.image, cfg)) for image in images)
-        )
+        mq = self._queues[model.name]
+        mq.preparing += 1
+        try:
+            prepared = await asyncio.gather(
+                *(self._on_cpu(partial(preprocess, image.image, cfg)) for image in images)
+            )
+        finally:
+            # The caller queues its items right after, with no await in between.
+            mq.preparing -= 1
         seconds = (time.perf_counter() - started) / max(1, len(images))
         return [t for t, _ in prepared], [g for _, g in prepared], seconds
 
@@ -434,7 +441,11 @@ class Runtime:
     # ----------------------------------------------------------------- workers
 
     async def _next_batch(self, mq: _ModelQueue) -> list[_WorkItem] | None:
-        """Block for one item, then fill up to the batch size until the wait budget is spent."""
+        """Block for one item, then fill up to the batch size until the wait budget is spent.
+
+        The budget is only spent while more images are on their way (requests being
+        preprocessed); a lone request is dispatched at once instead of waiting for company.
+        """
         first = await mq.queue.get()
         if first is None:
             return None
@@ -447,7 +458,7 @@ class Runtime:
                 item = mq.queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                if remaining <= 0 or mq.preparing == 0:
                     break
                 try:
                     item = await asyncio.wait_for(mq.queue.get(), remaining)

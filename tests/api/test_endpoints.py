@@ -244,6 +244,32 @@ def test_explain_heatmap_list_and_base64_decode_to_the_same_array(
     np.testing.assert_array_equal(_array(listed["upsampled"]), upsampled)
 
 
+def test_explain_raw_heatmap_keeps_the_layers_units_beside_the_normalised_map(
+    client: TestClient, png: bytes
+) -> None:
+    response = client.post(
+        "/v1/models/tiny/explain",
+        files=_files(png),
+        data={"layer": "layer3", "target": ["0", "1", "2", "3"], "overlay": "none"},
+    )
+    assert response.status_code == 200, response.text
+    explanations = response.json()["results"][0]["explanations"]
+    assert any(e["raw_range"]["max"] > 0 for e in explanations), "every map was all-negative"
+    for explanation in explanations:
+        raw = _array(explanation["raw_heatmap"])
+        normalised = _array(explanation["heatmap"])
+        assert raw.shape == normalised.shape == (4, 4)
+        assert raw.min() >= 0.0  # rectified
+        peak = explanation["raw_range"]["max"]
+        if peak > 0:
+            assert raw.max() == pytest.approx(peak, rel=1e-5)
+            np.testing.assert_allclose(
+                normalised, (raw - raw.min()) / (raw.max() - raw.min() + 1e-7), atol=1e-5
+            )
+        else:
+            assert not raw.any()
+
+
 def test_explain_json_body_with_options(client: TestClient, png: bytes) -> None:
     response = client.post(
         "/v1/models/tiny/explain",

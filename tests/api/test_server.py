@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 import pytest
@@ -48,24 +49,28 @@ def _wait_ready(base: str, process: subprocess.Popen[str], timeout: float = 120.
     raise AssertionError("the server did not become ready")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not SCRIPT.is_file(), reason="gradcam-service is not installed (pip -e .)")
-def test_console_script_serves_and_stops_cleanly_on_sigterm(
-    tmp_path: Path, make_image: Callable[..., bytes]
-) -> None:
+def _start_server(tmp_path: Path, **settings: str) -> tuple[subprocess.Popen[str], str, TextIO]:
+    """Start the README's command on a free port with a tiny model; return process, URL, log."""
     port = _free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("GRADCAM_")} | {
         "GRADCAM_PORT": str(port),
         "GRADCAM_DEVICE": "cpu",
         "GRADCAM_MODELS": json.dumps([TINY]),
-        "GRADCAM_CPU_WORKERS": "1",
-        "GRADCAM_GRACEFUL_SHUTDOWN_S": "10",
+        **{f"GRADCAM_{key.upper()}": value for key, value in settings.items()},
     }
     log = (tmp_path / "server.log").open("w+")
     process = subprocess.Popen(
         [str(SCRIPT)], env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
     )
-    base = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}", log
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="gradcam-service is not installed (pip -e .)")
+def test_console_script_serves_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, make_image: Callable[..., bytes]
+) -> None:
+    process, base, log = _start_server(tmp_path, cpu_workers="1", graceful_shutdown_s="10")
     try:
         _wait_ready(base, process)
         image = make_image(50, 40)
@@ -136,19 +141,7 @@ def test_bad_configuration_exits_2_with_a_clear_message(
 def test_sigterm_finishes_in_flight_requests_before_exiting(
     tmp_path: Path, make_image: Callable[..., bytes]
 ) -> None:
-    port = _free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("GRADCAM_")} | {
-        "GRADCAM_PORT": str(port),
-        "GRADCAM_DEVICE": "cpu",
-        "GRADCAM_MODELS": json.dumps([TINY]),
-        "GRADCAM_MAX_BATCH_SIZE": "1",
-        "GRADCAM_GRACEFUL_SHUTDOWN_S": "60",
-    }
-    log = (tmp_path / "server.log").open("w+")
-    process = subprocess.Popen(
-        [str(SCRIPT)], env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
-    )
-    base = f"http://127.0.0.1:{port}"
+    process, base, log = _start_server(tmp_path, max_batch_size="1", graceful_shutdown_s="60")
     image = make_image(50, 40)
 
     def explain_slowly() -> int:

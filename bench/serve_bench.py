@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,11 +150,14 @@ def run_levels(
     levels: list[int],
     scale: float,
     params: dict[str, dict[str, str]],
+    before_level: Callable[[], None] = lambda: None,
 ) -> list[LevelResult]:
     results = []
     for endpoint, url in urls.items():
+        before_level()
         asyncio.run(load(url, images, 2, 4, params[endpoint]))  # warm-up
         for concurrency in levels:
+            before_level()
             total = max(8, int(scale * max(32, 12 * concurrency)))
             seconds, latencies, errors, statuses = asyncio.run(
                 load(url, images, concurrency, total, params[endpoint])
@@ -198,6 +202,13 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies requests per level")
     parser.add_argument("--memory-requests", type=int, default=2000)
+    parser.add_argument(
+        "--memory-warmup",
+        type=int,
+        default=600,
+        help="explain requests before the 'before' reading: allocator and oneDNN caches fill up"
+        " for every batch size first, then memory must stay flat",
+    )
     parser.add_argument("--batch", type=int, default=8, help="server max batch size")
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--output", type=Path)
@@ -233,6 +244,9 @@ def main() -> None:
         }
         params = {"predict": {"top_k": "5"}, "explain": {}}
         rows += run_levels("service", urls, images, args.levels, args.scale, params)
+        rss_start = rss_mb(server.pid)
+        print(f"memory: warm-up of {args.memory_warmup} explain requests at c=8 ...", flush=True)
+        asyncio.run(load(urls["explain"], images, 8, args.memory_warmup, {}))
         rss_before = rss_mb(server.pid)
         print(f"memory: {args.memory_requests} explain requests at c=8 ...", flush=True)
         _seconds, _, mem_errors, _ = asyncio.run(
@@ -243,30 +257,46 @@ def main() -> None:
     finally:
         stop(server)
 
+    naive_crashes = 0
     if not args.skip_naive:
         naive_port = free_port()
+        naive_base = f"http://127.0.0.1:{naive_port}"
         naive_env = dict(os.environ, CUDA_VISIBLE_DEVICES="" if device == "cpu" else "0")
-        naive = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "bench.naive_app:app",
-                "--port",
-                str(naive_port),
-                "--log-level",
-                "warning",
-            ],
-            env=naive_env,
-            cwd=ROOT,
-        )
-        try:
-            naive_base = f"http://127.0.0.1:{naive_port}"
+        naive_command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.naive_app:app",
+            "--port",
+            str(naive_port),
+            "--log-level",
+            "warning",
+        ]
+        naive = subprocess.Popen(naive_command, env=naive_env, cwd=ROOT)
+
+        def revive() -> None:
+            """The naive server can die under concurrent backward passes: measure each level
+            on a live process, and count the crashes."""
+            nonlocal naive, naive_crashes
+            if naive.poll() is not None:
+                naive_crashes += 1
+                print(f"  naive server died (exit {naive.returncode}); restarting", flush=True)
+                naive = subprocess.Popen(naive_command, env=naive_env, cwd=ROOT)
             wait_ready(naive_base, naive)
+
+        try:
             urls = {"predict": f"{naive_base}/predict", "explain": f"{naive_base}/explain"}
             rows += run_levels(
-                "naive", urls, images, args.levels, args.scale, {"predict": {}, "explain": {}}
+                "naive",
+                urls,
+                images,
+                args.levels,
+                args.scale,
+                {"predict": {}, "explain": {}},
+                before_level=revive,
             )
+            if naive.poll() is not None:
+                naive_crashes += 1
         finally:
             stop(naive)
 
@@ -320,6 +350,15 @@ def main() -> None:
             f"- explain p99 at c=32: service {ours32.pct(99):.0f} ms vs naive "
             f"{naive32.pct(99):.0f} ms (target: no worse)"
         )
+    if naive_crashes:
+        lines.append(
+            f"- the naive server process died {naive_crashes} time(s) during the run (restarted"
+            " before the next level; 'conn' failures are requests sent to the dead process)"
+        )
+    lines.append(
+        f"- resident memory after the load levels {rss_start:.0f} MB, after a warm-up of "
+        f"{args.memory_warmup} explain requests {rss_before:.0f} MB"
+    )
     lines.append(
         f"- resident memory before/after {args.memory_requests} explain requests: "
         f"{rss_before:.0f} MB -> {rss_after:.0f} MB ({rss_after - rss_before:+.0f} MB, "

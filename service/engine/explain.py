@@ -170,14 +170,11 @@ def explain(
         targets = _targets(model, probabilities, requests)
 
         if cam_method.needs_model and max_forward_passes is not None:
-            passes = sum(
-                len(targets[i]) * sum(infos[n].channels for n in r.layers)
-                for i, r in enumerate(requests)
-            )
+            passes = sum(sum(infos[n].channels for n in r.layers) for r in requests)
             if passes > max_forward_passes:
                 raise InvalidParameterError(
                     f"scorecam would need {passes} forward passes for this request; the limit is"
-                    f" {max_forward_passes}. Use fewer images, targets or layers, a layer with"
+                    f" {max_forward_passes}. Use fewer images or layers, a layer with"
                     " fewer channels, or a gradient method.",
                     code="scorecam_too_costly",
                 )
@@ -190,6 +187,7 @@ def explain(
         probs_cpu = probabilities.cpu()
         logits_cpu = logits.detach().float().cpu()
         maps: list[list[CamMap]] = [[] for _ in requests]
+        masked_logits: dict[tuple[int, str], torch.Tensor] = {}  # Score-CAM, shared by targets
         rounds = max(len(t) for t in targets)
         for r in range(rounds):
             rows = [i for i in range(len(requests)) if len(targets[i]) > r]
@@ -224,6 +222,8 @@ def explain(
                         targets=torch.tensor([targets[i][r] for i in layer_rows]),
                         run_model=run_model,
                         batch_size=scorecam_batch_size,
+                        keys=[(i, name) for i in layer_rows],
+                        cache=masked_logits,
                     )
                 raw = cam_method.combine(activations, grid_grad, score)
                 grid, normalized, input_map, lo, hi = postprocess(raw, post, model.input_size)

@@ -12,7 +12,7 @@ Formulas and epsilons follow the reference library (pytorch-grad-cam) so that ma
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -29,6 +29,10 @@ class ScoreContext:
     targets: torch.Tensor  # (B,) class index per row
     run_model: Callable[[torch.Tensor], torch.Tensor]  # masked inputs -> logits, no grad
     batch_size: int
+    # (image, layer) per row: the masked forward passes of one image at one layer serve every
+    # target class of that image, so their logits are kept for the call's later rounds.
+    keys: list[tuple[int, str]] = field(default_factory=list)
+    cache: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
 
 class CamMethod:
@@ -160,7 +164,8 @@ class ScoreCAM(CamMethod):
     """Score-CAM (Wang et al.): each channel, upsampled and normalised, masks the input; the
     masked input's target logit, softmaxed over channels, is that channel's weight.
 
-    Costs one forward pass per channel per image; the engine bounds it (``max_forward_passes``).
+    Costs one forward pass per channel per image and layer, whatever the number of targets;
+    the engine bounds it (``max_forward_passes``).
     """
 
     name = "scorecam"
@@ -177,26 +182,36 @@ class ScoreCAM(CamMethod):
         score: ScoreContext | None = None,
     ) -> torch.Tensor:
         assert score is not None
-        size = score.inputs.shape[-2:]
         rows = []
         for row in range(activations.shape[0]):
-            # align_corners=True matches the reference library's UpsamplingBilinear2d.
-            upsampled = F.interpolate(
-                activations[row : row + 1], size=size, mode="bilinear", align_corners=True
-            )[0]
-            flat = upsampled.reshape(upsampled.shape[0], -1)
-            mins = flat.min(dim=1).values[:, None, None]
-            maxs = flat.max(dim=1).values[:, None, None]
-            masks = (upsampled - mins) / (maxs - mins + 1e-8)
-            target = int(score.targets[row])
-            scores = []
-            for start in range(0, masks.shape[0], score.batch_size):
-                chunk = masks[start : start + score.batch_size]
-                masked = score.inputs[row][None] * chunk[:, None]
-                scores.append(score.run_model(masked)[:, target].float())
-            weights = torch.softmax(torch.cat(scores), dim=0)
+            key = score.keys[row] if score.keys else None
+            logits = score.cache.get(key) if key is not None else None
+            if logits is None:
+                logits = self._masked_logits(activations[row], score.inputs[row], score)
+                if key is not None:
+                    score.cache[key] = logits
+            weights = torch.softmax(logits[:, int(score.targets[row])], dim=0)
             rows.append(torch.einsum("c,chw->hw", weights, activations[row]))
         return torch.stack(rows)
+
+    @staticmethod
+    def _masked_logits(
+        activations: torch.Tensor, image: torch.Tensor, score: ScoreContext
+    ) -> torch.Tensor:
+        """Logits (C, classes) of the image masked by each upsampled, normalised channel."""
+        # align_corners=True matches the reference library's UpsamplingBilinear2d.
+        upsampled = F.interpolate(
+            activations[None], size=image.shape[-2:], mode="bilinear", align_corners=True
+        )[0]
+        flat = upsampled.reshape(upsampled.shape[0], -1)
+        mins = flat.min(dim=1).values[:, None, None]
+        maxs = flat.max(dim=1).values[:, None, None]
+        masks = (upsampled - mins) / (maxs - mins + 1e-8)
+        chunks = [
+            score.run_model(image[None] * masks[start : start + score.batch_size, None]).float()
+            for start in range(0, masks.shape[0], score.batch_size)
+        ]
+        return torch.cat(chunks)
 
 
 METHODS: dict[str, CamMethod] = {

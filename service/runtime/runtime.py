@@ -360,12 +360,12 @@ class Runtime:
         for job in jobs:
             if job.method != "scorecam":
                 continue
-            targets = len(job.targets) if job.targets is not None else job.top_k
-            passes += targets * sum(model.layer(name).channels for name in job.layers)
+            # One masked forward pass per channel and layer serves every target class.
+            passes += sum(model.layer(name).channels for name in job.layers)
         if passes > limit:
             raise InvalidParameterError(
                 f"scorecam would need {passes} forward passes for this request; the limit is"
-                f" {limit}. Use fewer images, targets or layers, a layer with fewer channels,"
+                f" {limit}. Use fewer images or layers, a layer with fewer channels,"
                 " or a gradient method.",
                 code="scorecam_too_costly",
             )

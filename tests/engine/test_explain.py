@@ -404,7 +404,8 @@ def test_scorecam_over_its_forward_pass_budget_is_refused_before_running(
     model, layer = _load(load_tiny, "resnet")
     assert model.layer(layer).channels == 512
     requests = [ImageRequest(layers=(layer,), targets=(1, 2)), ImageRequest(layers=(layer,))]
-    with pytest.raises(InvalidParameterError, match="1536 forward passes") as info:
+    # One masked pass per channel and image, however many targets: 512 + 512.
+    with pytest.raises(InvalidParameterError, match="1024 forward passes") as info:
         explain(model, _inputs(model, 2), requests, method="scorecam", max_forward_passes=1000)
     assert info.value.code == "scorecam_too_costly"
 
@@ -424,6 +425,34 @@ def test_scorecam_within_its_budget_runs(load_tiny: Loader) -> None:
         max_forward_passes=8,
     )
     _verify_cam(result.maps[0][0], (2, 2), (64, 64))
+
+
+def test_scorecam_targets_of_one_image_share_its_masked_forward_passes(
+    load_tiny: Loader,
+) -> None:
+    model = load_tiny(
+        "resnet18",
+        channels=(8, 8, 8, 8),
+        stem_width=8,
+        preprocessing={"input_size": (64, 64), "crop_pct": 1.0},
+    )
+    inputs = _inputs(model, 1)
+    seen: list[int] = []
+    handle = model.module.register_forward_hook(
+        lambda _m, args, _out: seen.append(int(args[0].shape[0]))
+    )
+    try:
+        together = explain(
+            model, inputs, [ImageRequest(layers=("layer4",), targets=(0, 1, 2))], method="scorecam"
+        )
+    finally:
+        handle.remove()
+    assert sum(seen) == 1 + 8, "one plain pass plus one masked pass per channel"
+    for cam in together.maps[0]:
+        (alone,) = explain(
+            model, inputs, [ImageRequest(layers=("layer4",), targets=(cam.target,))], "scorecam"
+        ).maps[0]
+        np.testing.assert_allclose(cam.input_map, alone.input_map, atol=1e-6)
 
 
 def test_request_count_must_match_the_batch(load_tiny: Loader) -> None:

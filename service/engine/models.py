@@ -52,23 +52,24 @@ class LoadedModel:
     ready: bool = False
     _by_name: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
     _by_index: dict[int, LayerInfo] = field(default_factory=dict, repr=False)
-    _label_index: dict[str, int] = field(default_factory=dict, repr=False)
+    _label_index: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _folded_index: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._by_name = {layer.name: layer for layer in self.layers}
         self._by_index = {
             layer.layer_index: layer for layer in self.layers if layer.layer_index is not None
         }
-        index: dict[str, int] = {}
-        folded: dict[str, list[int]] = {}
+        # A class is named by its full label or, for ImageNet-style "tabby, tabby cat", by the
+        # part before the first comma; exact matches first, then case-insensitive ones.
+        exact: dict[str, set[int]] = {}
+        folded: dict[str, set[int]] = {}
         for i, label in enumerate(self.labels):
             for key in {label, label.split(",")[0].strip()}:
-                folded.setdefault(key.casefold(), []).append(i)
-                index.setdefault(key, i)
-        for key, hits in folded.items():
-            if len(hits) == 1:
-                index.setdefault(key, hits[0])
-        self._label_index = index
+                exact.setdefault(key, set()).add(i)
+                folded.setdefault(key.casefold(), set()).add(i)
+        self._label_index = {key: sorted(hits) for key, hits in exact.items()}
+        self._folded_index = {key: sorted(hits) for key, hits in folded.items()}
 
     @property
     def name(self) -> str:
@@ -124,9 +125,18 @@ class LoadedModel:
                 f"Class index {index} is outside model '{self.name}''s "
                 f"{self.num_classes} classes (0 to {self.num_classes - 1})."
             )
-        hit = self._label_index.get(value, self._label_index.get(value.casefold()))
-        if hit is not None:
-            return hit
+        hits = self._label_index.get(value) or self._folded_index.get(value.casefold(), [])
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            # Never guess: ImageNet has two classes called "crane" (the bird and the machine).
+            raise UnknownTargetError(
+                f"The label '{value}' names several classes of model '{self.name}': "
+                + ", ".join(f"{i} ({self.labels[i]})" for i in hits)
+                + ". Use the class index.",
+                code="ambiguous_target",
+                allowed=[str(i) for i in hits],
+            )
         allowed = self.labels if self.num_classes <= 50 else None
         hint = f" Allowed: {', '.join(self.labels)}." if allowed else ""
         raise UnknownTargetError(

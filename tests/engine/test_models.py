@@ -20,7 +20,7 @@ from timm.data import resolve_model_data_config
 from service.engine.models import LoadedModel, load_model
 from service.engine.preprocess import PreprocessConfig, map_to_original, preprocess
 from service.engine.spec import ModelSpec, PreprocessOverrides
-from service.errors import ModelLoadError
+from service.errors import ModelLoadError, UnknownTargetError
 
 Loader = Callable[..., LoadedModel]
 CPU = torch.device("cpu")
@@ -210,6 +210,16 @@ def test_a_thousand_class_model_gets_the_imagenet_label_names(load_tiny: Loader)
     # ImageNet names two classes "crane" (the bird, 134, and the machine, 517).
     assert len(set(labels)) == 999
     assert labels[134] == labels[517] == "crane"
+
+
+def test_a_label_naming_several_classes_is_refused_not_guessed(load_tiny: Loader) -> None:
+    model = load_tiny("resnet18")
+    with pytest.raises(UnknownTargetError, match="134 \\(crane\\), 517 \\(crane\\)") as info:
+        model.target("crane")
+    assert info.value.code == "ambiguous_target"
+    assert info.value.allowed == ["134", "517"]
+    assert model.target("tabby") == model.target("tabby, tabby cat") == 281
+    assert model.target("TENCH") == 0
 
 
 def test_labels_given_as_a_list_are_used_in_order() -> None:

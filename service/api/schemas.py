@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.api.problems import Problem
+from service.engine.explain import CamMap
 from service.engine.images import ACCEPTED_FORMATS, DecodedImage
 from service.engine.layers import LayerInfo
 from service.engine.methods import METHOD_NAMES, METHODS
@@ -605,6 +606,21 @@ class Explanation(BaseModel):
     raw_range: ValueRange = Field(description="Range of the map before rectification/scaling.")
     upsampled: UpsampledMap | None = None
     overlay: Overlay | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Caveats about this map, e.g. that it is empty (all zero).",
+    )
+
+
+def map_warnings(cam: CamMap, label: str) -> list[str]:
+    """Say so when a map carries no information, rather than return a silent blank."""
+    if cam.raw_max > 0:
+        return []
+    return [
+        f"The map is empty: at layer '{cam.layer}' nothing raises the score of '{label}' (all"
+        f" values are <= 0 before rectification). Try another layer or method; for class-token"
+        f" ViTs the last block's output gets no gradient on its patch tokens (use its norm1)."
+    ]
 
 
 class ImageExplanation(BaseModel):
@@ -728,6 +744,7 @@ class ExplainResponse(BaseModel):
                         raw_range=ValueRange(min=cam.raw_min, max=cam.raw_max),
                         upsampled=upsampled,
                         overlay=overlay,
+                        warnings=map_warnings(cam, model.labels[cam.target]),
                     )
                 )
             results.append(

@@ -328,6 +328,31 @@ def test_explain_vit_panel_overlay(client: TestClient, make_image: ImageFactory)
         assert panel.size == (explanation["overlay"]["width"], explanation["overlay"]["height"])
 
 
+def test_an_empty_map_says_so_instead_of_returning_a_silent_blank(
+    client: TestClient, make_image: ImageFactory
+) -> None:
+    image = make_image(40, 50, seed=3)
+    # With class-token pooling the last block's output gets no gradient on its patch tokens.
+    empty = client.post(
+        "/v1/models/vit/explain", files=_files(image), data={"layer": "blocks.1", "overlay": "none"}
+    )
+    useful = client.post(
+        "/v1/models/vit/explain",
+        files=_files(image),
+        data={"layer": "blocks.1.norm1", "overlay": "none"},
+    )
+    assert empty.status_code == 200, empty.text
+    assert useful.status_code == 200, useful.text
+    (blank,) = empty.json()["results"][0]["explanations"]
+    assert not _array(blank["heatmap"]).any()
+    assert len(blank["warnings"]) == 1
+    assert "empty" in blank["warnings"][0]
+    assert "norm1" in blank["warnings"][0]
+    (informative,) = useful.json()["results"][0]["explanations"]
+    assert informative["raw_range"]["max"] > 0
+    assert informative["warnings"] == []
+
+
 def test_explain_several_images_each_get_their_own(
     client: TestClient, make_image: ImageFactory
 ) -> None:

@@ -69,6 +69,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 ModelState = Literal["loading", "ready", "failed"]
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Overlays are drawn on the upload scaled to at most this many pixels on a side.
+OVERLAY_MAX_SIDE = 1024
 
 
 @dataclass
@@ -619,6 +621,3 @@ def _render(
             out.overlay_size = (int(picture.shape[1]), int(picture.shape[0]))
         rendered.append(out)
     return rendered
-
-
-OVERLAY_MAX_SIDE = 1024

@@ -474,7 +474,15 @@ class ImagePrediction(BaseModel):
     timings: TimingsSchema
 
 
-class PredictResponse(BaseModel):
+class _ModelAnswer(BaseModel):
+    """What every predict/explain answer starts with: which model, and how far to trust it."""
+
+    model: str
+    random_weights: bool = Field(description="True when the model's weights are random.")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class PredictResponse(_ModelAnswer):
     model_config = ConfigDict(
         protected_namespaces=(),
         json_schema_extra={
@@ -504,9 +512,6 @@ class PredictResponse(BaseModel):
         },
     )
 
-    model: str
-    random_weights: bool = Field(description="True when the model's weights are random.")
-    warnings: list[str] = Field(default_factory=list)
     results: list[ImagePrediction] = Field(description="One per image, in request order.")
 
     @classmethod
@@ -631,7 +636,7 @@ class ImageExplanation(BaseModel):
     timings: TimingsSchema
 
 
-class ExplainResponse(BaseModel):
+class ExplainResponse(_ModelAnswer):
     model_config = ConfigDict(
         protected_namespaces=(),
         json_schema_extra={
@@ -691,9 +696,6 @@ class ExplainResponse(BaseModel):
         },
     )
 
-    model: str
-    random_weights: bool = Field(description="True when the model's weights are random.")
-    warnings: list[str] = Field(default_factory=list)
     results: list[ImageExplanation] = Field(description="One per image, in request order.")
 
     @classmethod

@@ -9,6 +9,7 @@ Both decode to the same array exactly.
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
@@ -309,7 +310,6 @@ class ModelInfo(BaseModel):
 
     @classmethod
     def from_model(cls, model: LoadedModel, replicas: int) -> ModelInfo:
-        pre = model.preprocessing
         weights = model.weights
         return cls(
             name=model.name,
@@ -319,14 +319,7 @@ class ModelInfo(BaseModel):
             num_classes=model.num_classes,
             labels=list(model.labels),
             input_size=model.input_size,
-            preprocessing=PreprocessingSchema(
-                input_size=pre.input_size,
-                interpolation=pre.interpolation,
-                crop_pct=pre.crop_pct,
-                crop_mode=pre.crop_mode,
-                mean=pre.mean,
-                std=pre.std,
-            ),
+            preprocessing=PreprocessingSchema(**dataclasses.asdict(model.preprocessing)),
             default_layer=model.default_layer,
             device=str(model.device),
             replicas=replicas,

@@ -107,6 +107,23 @@ def postprocess(
     return grid, normalized, input_map, raw_min, raw_max
 
 
+def check_scorecam_cost(
+    model: LoadedModel, layers_per_image: Sequence[Sequence[str]], limit: int
+) -> None:
+    """Refuse a Score-CAM request that would need more than ``limit`` forward passes.
+
+    One masked pass per channel of each layer and image; it serves every target class.
+    """
+    passes = sum(model.layer(name).channels for layers in layers_per_image for name in layers)
+    if passes > limit:
+        raise InvalidParameterError(
+            f"scorecam would need {passes} forward passes for this request; the limit is"
+            f" {limit}. Use fewer images or layers, a layer with fewer channels, or a gradient"
+            " method.",
+            code="scorecam_too_costly",
+        )
+
+
 def predict(model: LoadedModel, inputs: torch.Tensor) -> np.ndarray:
     """Class probabilities (B, num_classes) without any gradient bookkeeping."""
     with torch.inference_mode(), model.autocast():
@@ -159,6 +176,8 @@ def explain(
     ]
     layer_names = list(dict.fromkeys(name for r in requests for name in r.layers))
     infos = {name: model.layer(name) for name in layer_names}
+    if cam_method.needs_model and max_forward_passes is not None:
+        check_scorecam_cost(model, [r.layers for r in requests], max_forward_passes)
 
     grad_mode = torch.enable_grad() if cam_method.needs_gradients else torch.no_grad()
     with grad_mode:
@@ -168,16 +187,6 @@ def explain(
         outputs = capture.outputs
         probabilities = torch.softmax(logits.detach().float(), dim=-1)
         targets = _targets(model, probabilities, requests)
-
-        if cam_method.needs_model and max_forward_passes is not None:
-            passes = sum(sum(infos[n].channels for n in r.layers) for r in requests)
-            if passes > max_forward_passes:
-                raise InvalidParameterError(
-                    f"scorecam would need {passes} forward passes for this request; the limit is"
-                    f" {max_forward_passes}. Use fewer images or layers, a layer with"
-                    " fewer channels, or a gradient method.",
-                    code="scorecam_too_costly",
-                )
 
         def run_model(masked: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode(), model.autocast():

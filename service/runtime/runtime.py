@@ -36,6 +36,7 @@ from service.engine.explain import (
     ExplainResult,
     ImageRequest,
     PostProcess,
+    check_scorecam_cost,
     explain,
     predict,
 )
@@ -46,7 +47,6 @@ from service.engine.render import MEDIA_TYPES, encode_image, overlay, render_pan
 from service.engine.spec import ModelSpec
 from service.errors import (
     DeadlineExceededError,
-    InvalidParameterError,
     ModelNotReadyError,
     OverloadedError,
     ServiceError,
@@ -78,7 +78,6 @@ class ModelStatus:
     state: ModelState = "loading"
     error: str | None = None
     replicas: int = 0
-    devices: list[str] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -141,7 +140,6 @@ class Runtime:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._ready_event = asyncio.Event()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -168,9 +166,6 @@ class Runtime:
 
     def specs(self) -> list[ModelSpec]:
         return list(self._specs)
-
-    def config(self) -> RuntimeConfig:
-        return self._config
 
     def _devices(self) -> list[torch.device]:
         device = resolve_device(self._config.device)
@@ -223,10 +218,7 @@ class Runtime:
                 )
             self._queues[spec.name] = mq
             status.replicas = len(mq.replicas)
-            status.devices = [str(r.device) for r in mq.replicas]
             status.state = "ready"
-        if self.ready:
-            self._ready_event.set()
 
     async def stop(self) -> None:
         """Refuse new work, finish the requests already accepted, then release the threads."""
@@ -355,26 +347,12 @@ class Runtime:
             for c, geometry in zip(computed, geometries, strict=True)
         ]
 
-    def _check_cost(self, model: LoadedModel, jobs: Sequence[ExplainJob]) -> None:
-        """Score-CAM's cost is bounded per request, before anything is queued."""
-        limit = self._config.scorecam_max_forward_passes
-        passes = 0
-        for job in jobs:
-            if job.method != "scorecam":
-                continue
-            # One masked forward pass per channel and layer serves every target class.
-            passes += sum(model.layer(name).channels for name in job.layers)
-        if passes > limit:
-            raise InvalidParameterError(
-                f"scorecam would need {passes} forward passes for this request; the limit is"
-                f" {limit}. Use fewer images or layers, a layer with fewer channels,"
-                " or a gradient method.",
-                code="scorecam_too_costly",
-            )
-
     async def _explain(self, name: str, jobs: Sequence[ExplainJob]) -> list[ExplainOutcome]:
         model = self.model(name)
-        self._check_cost(model, jobs)
+        scorecam = [
+            job.layers or (model.default_layer,) for job in jobs if job.method == "scorecam"
+        ]
+        check_scorecam_cost(model, scorecam, self._config.scorecam_max_forward_passes)
         tensors, geometries, prep_s = await self._prepare(model, [j.image for j in jobs])
         loop = asyncio.get_running_loop()
         items = [

@@ -55,6 +55,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.runtime.config import RuntimeConfig
+from service.runtime.loading import ModelStatus
 from service.runtime.jobs import (
     ExplainJob,
     ExplainOutcome,
@@ -67,17 +68,9 @@ from service.runtime.jobs import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ModelState = Literal["loading", "ready", "failed"]
 _AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Overlays are drawn on the upload scaled to at most this many pixels on a side.
 OVERLAY_MAX_SIDE = 1024
-
-
-@dataclass
-class ModelStatus:
-    state: ModelState = "loading"
-    error: str | None = None
-    replicas: int = 0
 
 
 @dataclass(eq=False)

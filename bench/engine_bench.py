@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.engine.explain import ImageRequest, explain  # noqa: E402
-from service.engine.models import LoadedModel, load_model  # noqa: E402
+from service.engine.loading import load_model  # noqa: E402
+from service.engine.models import LoadedModel  # noqa: E402
 from service.engine.spec import ModelSpec  # noqa: E402
 
 

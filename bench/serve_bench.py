@@ -177,7 +177,7 @@ def run_levels(
 def engine_ceiling(device: str, batch: int, repeats: int) -> float:
     """Images/s of batched gradcam explain at layer4, engine only."""
     from service.engine.explain import ImageRequest, explain
-    from service.engine.models import load_model
+    from service.engine.loading import load_model
     from service.engine.spec import ModelSpec
 
     model = load_model(

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.engine.models import LoadedModel, load_model
+from service.engine.loading import load_model
+from service.engine.models import LoadedModel
 from service.engine.spec import ModelSpec, PreprocessOverrides
 
 SEED = 20240607

@@ -11,7 +11,7 @@ forward pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from service.engine.capture import LayerCapture
-from service.engine.methods import ScoreContext, get_method
+from service.engine.layers import LayerInfo
+from service.engine.methods import CamMethod, ScoreContext, get_method
 from service.engine.models import LoadedModel
 from service.errors import InvalidParameterError, UnknownTargetError
 
@@ -47,11 +48,11 @@ class PostProcess:
 class ImageRequest:
     """What to explain for one image of a batch.
 
-    ``layers``: resolved layer names (at least one). ``targets``: explicit class indices, or
-    None for the ``top_k`` predicted classes.
+    ``layers``: layer names; none means the model's default layer. ``targets``: explicit class
+    indices, or None for the ``top_k`` predicted classes.
     """
 
-    layers: tuple[str, ...]
+    layers: tuple[str, ...] = ()
     targets: tuple[int, ...] | None = None
     top_k: int = 1
 
@@ -107,17 +108,22 @@ def postprocess(
     return grid, normalized, input_map, raw_min, raw_max
 
 
-def check_scorecam_cost(
-    model: LoadedModel, layers_per_image: Sequence[Sequence[str]], limit: int
+def check_explain_cost(
+    model: LoadedModel, method: str, requests: Sequence[ImageRequest], limit: int
 ) -> None:
-    """Refuse a Score-CAM request that would need more than ``limit`` forward passes.
+    """Refuse, before any work, a request whose method needs more than ``limit`` forward passes.
 
-    One masked pass per channel of each layer and image; it serves every target class.
+    Only methods that run the model on perturbed inputs cost passes (Score-CAM: one masked pass
+    per channel of each layer and image; it serves every target class of that image).
     """
-    passes = sum(model.layer(name).channels for layers in layers_per_image for name in layers)
+    if not get_method(method).needs_model:
+        return
+    passes = sum(
+        model.layer(name).channels for r in requests for name in model.layer_names(r.layers)
+    )
     if passes > limit:
         raise InvalidParameterError(
-            f"scorecam would need {passes} forward passes for this request; the limit is"
+            f"{method} would need {passes} forward passes for this request; the limit is"
             f" {limit}. Use fewer images or layers, a layer with fewer channels, or a gradient"
             " method.",
             code="scorecam_too_costly",
@@ -168,95 +174,132 @@ def explain(
     if len(requests) != inputs.shape[0]:
         raise ValueError(f"{inputs.shape[0]} images but {len(requests)} requests")
     cam_method = get_method(method)
-    post = post or PostProcess()
+    layers = [model.layer_names(r.layers) for r in requests]
+    names = list(dict.fromkeys(name for per_image in layers for name in per_image))
+    infos = {name: model.layer(name) for name in names}
+    if max_forward_passes is not None:
+        check_explain_cost(model, method, requests, max_forward_passes)
     inputs = inputs.to(model.device)
-    requests = [
-        r if r.layers else ImageRequest((model.default_layer,), r.targets, r.top_k)
-        for r in requests
-    ]
-    layer_names = list(dict.fromkeys(name for r in requests for name in r.layers))
-    infos = {name: model.layer(name) for name in layer_names}
-    if cam_method.needs_model and max_forward_passes is not None:
-        check_scorecam_cost(model, [r.layers for r in requests], max_forward_passes)
 
     grad_mode = torch.enable_grad() if cam_method.needs_gradients else torch.no_grad()
     with grad_mode:
-        capture = LayerCapture(model.module, layer_names, with_grad=cam_method.needs_gradients)
+        capture = LayerCapture(model.module, names, with_grad=cam_method.needs_gradients)
         with capture, model.autocast():
             logits = model.module(inputs)
-        outputs = capture.outputs
         probabilities = torch.softmax(logits.detach().float(), dim=-1)
-        targets = _targets(model, probabilities, requests)
-
-        def run_model(masked: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode(), model.autocast():
-                logits: torch.Tensor = model.module(masked)
-            return logits
-
-        probs_cpu = probabilities.cpu()
-        logits_cpu = logits.detach().float().cpu()
-        maps: list[list[CamMap]] = [[] for _ in requests]
-        masked_logits: dict[tuple[int, str], torch.Tensor] = {}  # Score-CAM, shared by targets
-        rounds = max(len(t) for t in targets)
+        call = _Call(
+            model=model,
+            method=cam_method,
+            post=post or PostProcess(),
+            inputs=inputs,
+            infos=infos,
+            layers=layers,
+            targets=_targets(model, probabilities, requests),
+            outputs=capture.outputs,
+            logits=logits,
+            probabilities=probabilities.cpu(),
+            scorecam_batch_size=scorecam_batch_size,
+        )
+        rounds = max(len(t) for t in call.targets)
         for r in range(rounds):
-            rows = [i for i in range(len(requests)) if len(targets[i]) > r]
-            classes = [targets[i][r] for i in rows]
-            needed = [n for n in layer_names if any(n in requests[i].layers for i in rows)]
-            gradients: dict[str, torch.Tensor | None] = {}
-            if cam_method.needs_gradients:
-                selected = logits[rows, classes].float().sum()
-                grads = torch.autograd.grad(
-                    selected,
-                    [outputs[n] for n in needed],
-                    retain_graph=r < rounds - 1,
-                    allow_unused=True,
-                )
-                gradients = dict(zip(needed, grads, strict=True))
-            for name in needed:
-                info = infos[name]
-                layer_rows = [i for i in rows if name in requests[i].layers]
-                activations = info.to_grid(outputs[name][layer_rows].detach()).float()
-                grad = gradients.get(name)
-                grid_grad = None
-                if cam_method.needs_gradients:
-                    grid_grad = (
-                        torch.zeros_like(activations)
-                        if grad is None
-                        else info.to_grid(grad[layer_rows]).float()
-                    )
-                score = None
-                if cam_method.needs_model:
-                    score = ScoreContext(
-                        inputs=inputs[layer_rows],
-                        targets=torch.tensor([targets[i][r] for i in layer_rows]),
-                        run_model=run_model,
-                        batch_size=scorecam_batch_size,
-                        keys=[(i, name) for i in layer_rows],
-                        cache=masked_logits,
-                    )
-                raw = cam_method.combine(activations, grid_grad, score)
-                grid, normalized, input_map, lo, hi = postprocess(raw, post, model.input_size)
-                grid_np, norm_np, input_np = (
-                    grid.cpu().numpy(),
-                    normalized.cpu().numpy(),
-                    input_map.cpu().numpy(),
-                )
-                lo_list, hi_list = lo.cpu().tolist(), hi.cpu().tolist()
-                for j, i in enumerate(layer_rows):
-                    target = targets[i][r]
-                    maps[i].append(
-                        CamMap(
-                            image=i,
-                            target=target,
-                            probability=float(probs_cpu[i, target]),
-                            logit=float(logits_cpu[i, target]),
-                            layer=name,
-                            method=cam_method.name,
-                            grid=grid_np[j],
-                            grid_normalized=norm_np[j],
-                            input_map=input_np[j],
-                            raw_min=float(lo_list[j]),
-                            raw_max=float(hi_list[j]),
-                        )
-                    )
-    return ExplainResult(probabilities=probs_cpu.numpy(), maps=maps)
+            _round(call, r, last=r == rounds - 1)
+    return ExplainResult(probabilities=call.probabilities.numpy(), maps=call.maps)
+
+
+@dataclass
+class _Call:
+    """One explain call's state, shared by its target rounds."""
+
+    model: LoadedModel
+    method: CamMethod
+    post: PostProcess
+    inputs: torch.Tensor
+    infos: dict[str, LayerInfo]
+    layers: list[tuple[str, ...]]  # per image
+    targets: list[tuple[int, ...]]  # per image
+    outputs: dict[str, torch.Tensor]  # captured layer outputs, by layer
+    logits: torch.Tensor  # (B, classes), in the graph when gradients are needed
+    probabilities: torch.Tensor  # (B, classes) on the CPU
+    scorecam_batch_size: int
+    maps: list[list[CamMap]] = field(default_factory=list)
+    # Score-CAM: logits of one image's masked inputs at one layer serve every target class.
+    masked_logits: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    logits_cpu: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.maps = [[] for _ in self.layers]
+        self.logits_cpu = self.logits.detach().float().cpu()
+
+    def run_model(self, masked: torch.Tensor) -> torch.Tensor:
+        """Logits of perturbed inputs, no gradient bookkeeping (Score-CAM)."""
+        with torch.inference_mode(), self.model.autocast():
+            logits: torch.Tensor = self.model.module(masked)
+        return logits
+
+
+def _round(call: _Call, r: int, *, last: bool) -> None:
+    """Round ``r``: every image with an ``r``-th target gets its maps for that target.
+
+    One backward pass of the sum of the selected logits serves the whole batch (each image's
+    logit depends only on that image in eval mode).
+    """
+    rows = [i for i, targets in enumerate(call.targets) if len(targets) > r]
+    needed = [name for name in call.infos if any(name in call.layers[i] for i in rows)]
+    gradients: dict[str, torch.Tensor | None] = {}
+    if call.method.needs_gradients:
+        selected = call.logits[rows, [call.targets[i][r] for i in rows]].float().sum()
+        grads = torch.autograd.grad(
+            selected,
+            [call.outputs[name] for name in needed],
+            retain_graph=not last,
+            allow_unused=True,
+        )
+        gradients = dict(zip(needed, grads, strict=True))
+    for name in needed:
+        info = call.infos[name]
+        layer_rows = [i for i in rows if name in call.layers[i]]
+        activations = info.to_grid(call.outputs[name][layer_rows].detach()).float()
+        grid_grad = None
+        if call.method.needs_gradients:
+            grad = gradients.get(name)
+            grid_grad = (
+                torch.zeros_like(activations)
+                if grad is None
+                else info.to_grid(grad[layer_rows]).float()
+            )
+        score = None
+        if call.method.needs_model:
+            score = ScoreContext(
+                inputs=call.inputs[layer_rows],
+                targets=torch.tensor([call.targets[i][r] for i in layer_rows]),
+                run_model=call.run_model,
+                batch_size=call.scorecam_batch_size,
+                keys=[(i, name) for i in layer_rows],
+                cache=call.masked_logits,
+            )
+        raw = call.method.combine(activations, grid_grad, score)
+        _add_maps(call, r, name, layer_rows, raw)
+
+
+def _add_maps(call: _Call, r: int, layer: str, rows: list[int], raw: torch.Tensor) -> None:
+    """Post-process one layer's raw maps for ``rows`` and file them under their images."""
+    grid, normalized, input_map, lo, hi = postprocess(raw, call.post, call.model.input_size)
+    grid_np, norm_np, input_np = (t.cpu().numpy() for t in (grid, normalized, input_map))
+    lo_list, hi_list = lo.cpu().tolist(), hi.cpu().tolist()
+    for j, i in enumerate(rows):
+        target = call.targets[i][r]
+        call.maps[i].append(
+            CamMap(
+                image=i,
+                target=target,
+                probability=float(call.probabilities[i, target]),
+                logit=float(call.logits_cpu[i, target]),
+                layer=layer,
+                method=call.method.name,
+                grid=grid_np[j],
+                grid_normalized=norm_np[j],
+                input_map=input_np[j],
+                raw_min=float(lo_list[j]),
+                raw_max=float(hi_list[j]),
+            )
+        )

@@ -1,16 +1,23 @@
 """The CAM method family, by name.
 
-Every method turns a layer's activations ``A`` (B, C, H, W) — and, for gradient methods, the
-gradients ``G = d y_c / d A`` of the selected logit — into one (B, H, W) map per image. Most
-methods only supply channel weights and the base class forms ``sum_k w_k A_k``; the few that do
-something else override :meth:`CamMethod.combine`. ReLU/threshold, normalisation and resizing are
-common to all and happen in :mod:`service.engine.explain`.
+Every method turns a layer's activations ``A`` (B, C, H, W) into one unrectified (B, H, W) map
+per image. Two small bases, so that a new method is one override:
 
-Formulas and epsilons follow the reference library (pytorch-grad-cam) so that maps agree with it.
+- :class:`GradientMethod`: methods that also use ``G = dy_c/dA``, the gradient of the explained
+  class's logit. Most only say how to weigh channels (:meth:`GradientMethod.weights`) and the
+  base forms ``sum_k w_k A_k``; element-wise ones override :meth:`GradientMethod.cam`.
+- :class:`GradientFreeMethod`: methods that never back-propagate (:meth:`GradientFreeMethod.cam`);
+  the few that run the model on perturbed inputs say so with ``needs_model`` and get a
+  :class:`ScoreContext`.
+
+ReLU/threshold, normalisation and resizing are common to all and happen in
+:mod:`service.engine.explain`. Formulas and epsilons follow the reference library
+(pytorch-grad-cam) so that maps agree with it.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -35,17 +42,36 @@ class ScoreContext:
     cache: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
 
-class CamMethod:
-    """Base class: a method supplies channel weights, or overrides :meth:`combine`."""
+class CamMethod(ABC):
+    """A CAM method: its API name, what it needs, and how it forms the map."""
 
     name: ClassVar[str]
     description: ClassVar[str]
-    needs_gradients: ClassVar[bool] = True
+    needs_gradients: ClassVar[bool]
     needs_model: ClassVar[bool] = False
 
+    @abstractmethod
+    def combine(
+        self,
+        activations: torch.Tensor,
+        gradients: torch.Tensor | None,
+        score: ScoreContext | None = None,
+    ) -> torch.Tensor:
+        """The unrectified map (B, H, W)."""
+
+
+class GradientMethod(CamMethod):
+    """A method that uses the gradients: override :meth:`weights` or :meth:`cam`."""
+
+    needs_gradients = True
+
     def weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-        """Channel weights (B, C)."""
-        raise NotImplementedError
+        """Channel weights ``w`` (B, C)."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither weights nor cam")
+
+    def cam(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """The map (B, H, W): ``sum_k w_k A_k`` unless overridden."""
+        return torch.einsum("bc,bchw->bhw", self.weights(activations, gradients), activations)
 
     def combine(
         self,
@@ -53,14 +79,34 @@ class CamMethod:
         gradients: torch.Tensor | None,
         score: ScoreContext | None = None,
     ) -> torch.Tensor:
-        """The unrectified map (B, H, W): ``sum_k w_k A_k`` by default."""
-        assert gradients is not None
-        weights = self.weights(activations, gradients)
-        return torch.einsum("bc,bchw->bhw", weights, activations)
+        if gradients is None:
+            raise ValueError(f"{self.name} needs the gradients of the explained class")
+        return self.cam(activations, gradients)
 
 
-class GradCAM(CamMethod):
-    """Grad-CAM (Selvaraju et al.): ``w_k = mean_u dy_c/dA_k(u)``."""
+class GradientFreeMethod(CamMethod):
+    """A method that never back-propagates: override :meth:`cam`."""
+
+    needs_gradients = False
+
+    @abstractmethod
+    def cam(self, activations: torch.Tensor, score: ScoreContext | None) -> torch.Tensor:
+        """The map (B, H, W); ``score`` is given when ``needs_model`` is set."""
+
+    def combine(
+        self,
+        activations: torch.Tensor,
+        gradients: torch.Tensor | None,
+        score: ScoreContext | None = None,
+    ) -> torch.Tensor:
+        return self.cam(activations, score)
+
+
+class GradCAM(GradientMethod):
+    """Grad-CAM, Selvaraju et al. 2017, https://arxiv.org/abs/1610.02391.
+
+    ``w_k = mean_u G_k(u)``: the spatially averaged gradient of each channel.
+    """
 
     name = "gradcam"
     description = "Grad-CAM: channel weights are the spatially averaged gradients (paper default)."
@@ -69,8 +115,13 @@ class GradCAM(CamMethod):
         return gradients.mean(dim=(2, 3))
 
 
-class GradCAMPlusPlus(CamMethod):
-    """Grad-CAM++ (Chattopadhyay et al.): second/third-order gradient terms weight positives."""
+class GradCAMPlusPlus(GradientMethod):
+    """Grad-CAM++, Chattopadhyay et al. 2018, https://arxiv.org/abs/1710.11063.
+
+    ``w_k = sum_u a_k(u) ReLU(G_k(u))`` with
+    ``a_k(u) = G_k(u)^2 / (2 G_k(u)^2 + sum_v A_k(v) G_k(u)^3)`` (the exponential-output
+    closed form; ``a = 0`` where the gradient is 0).
+    """
 
     name = "gradcam++"
     description = (
@@ -86,8 +137,12 @@ class GradCAMPlusPlus(CamMethod):
         return (gradients.clamp(min=0) * aij).sum(dim=(2, 3))
 
 
-class XGradCAM(CamMethod):
-    """XGrad-CAM (Fu et al.): gradients weighted by normalised activations."""
+class XGradCAM(GradientMethod):
+    """XGrad-CAM, Fu et al. 2020, https://arxiv.org/abs/2008.02312.
+
+    ``w_k = sum_u G_k(u) A_k(u) / sum_v A_k(v)``: gradients weighted by each position's share
+    of its channel's activation.
+    """
 
     name = "xgradcam"
     description = "XGrad-CAM: gradients weighted by the activations' share of their channel sum."
@@ -97,57 +152,47 @@ class XGradCAM(CamMethod):
         return (gradients * activations / (sum_activations + 1e-7)).sum(dim=(2, 3))
 
 
-class HiResCAM(CamMethod):
-    """HiResCAM (Draelos & Carin): element-wise gradient x activation, summed over channels."""
+class HiResCAM(GradientMethod):
+    """HiResCAM, Draelos & Carin 2020, https://arxiv.org/abs/2011.08891.
+
+    ``M(u) = sum_k G_k(u) A_k(u)``: element-wise, no spatial pooling of the gradients.
+    """
 
     name = "hirescam"
     description = "HiResCAM: element-wise gradient times activation, no spatial pooling."
 
-    def combine(
-        self,
-        activations: torch.Tensor,
-        gradients: torch.Tensor | None,
-        score: ScoreContext | None = None,
-    ) -> torch.Tensor:
-        assert gradients is not None
+    def cam(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         return (gradients * activations).sum(dim=1)
 
 
-class LayerCAM(CamMethod):
-    """LayerCAM (Jiang et al.): ``sum_k ReLU(G_k) * A_k``; works well at shallow layers."""
+class LayerCAM(GradientMethod):
+    """LayerCAM, Jiang et al. 2021, https://doi.org/10.1109/TIP.2021.3089943.
+
+    ``M(u) = sum_k ReLU(G_k(u)) A_k(u)``; works well at shallow layers.
+    """
 
     name = "layercam"
     description = "LayerCAM: positive gradients times activations; sharp maps at early layers."
 
-    def combine(
-        self,
-        activations: torch.Tensor,
-        gradients: torch.Tensor | None,
-        score: ScoreContext | None = None,
-    ) -> torch.Tensor:
-        assert gradients is not None
+    def cam(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         return (gradients.clamp(min=0) * activations).sum(dim=1)
 
 
-class EigenCAM(CamMethod):
-    """Eigen-CAM (Muhammad & Yeasin): first principal component of the activations.
+class EigenCAM(GradientFreeMethod):
+    """Eigen-CAM, Muhammad & Yeasin 2020, https://arxiv.org/abs/2008.00299.
 
-    Class-agnostic and gradient-free. The SVD's sign is arbitrary; it is fixed so that the
-    component agrees with the mean activation, which keeps the map's hot side the active one.
+    ``M = A~ v_1``: the projection of the mean-centred activations ``A~`` (positions x channels)
+    on their first right singular vector. Class-agnostic. The SVD's sign is arbitrary; it is
+    fixed so that the component agrees with the mean activation, which keeps the map's hot side
+    the active one.
     """
 
     name = "eigencam"
     description = (
         "Eigen-CAM: first principal component of the activations (no gradients, class-agnostic)."
     )
-    needs_gradients = False
 
-    def combine(
-        self,
-        activations: torch.Tensor,
-        gradients: torch.Tensor | None,
-        score: ScoreContext | None = None,
-    ) -> torch.Tensor:
+    def cam(self, activations: torch.Tensor, score: ScoreContext | None) -> torch.Tensor:
         batch, channels, height, width = activations.shape
         flat = activations.reshape(batch, channels, height * width).transpose(1, 2)
         flat = torch.nan_to_num(flat.double())
@@ -160,28 +205,24 @@ class EigenCAM(CamMethod):
         return (projection * sign[:, None]).float().reshape(batch, height, width)
 
 
-class ScoreCAM(CamMethod):
-    """Score-CAM (Wang et al.): each channel, upsampled and normalised, masks the input; the
-    masked input's target logit, softmaxed over channels, is that channel's weight.
+class ScoreCAM(GradientFreeMethod):
+    """Score-CAM, Wang et al. 2020, https://arxiv.org/abs/1910.01279.
 
-    Costs one forward pass per channel per image and layer, whatever the number of targets;
-    the engine bounds it (``max_forward_passes``).
+    ``w = softmax_k(y_c(x * norm(up(A_k))))``: each channel, upsampled to the input and min-max
+    normalised, masks the input; the masked input's target logit, softmaxed over channels, is
+    that channel's weight. Costs one forward pass per channel per image and layer, whatever the
+    number of targets; the engine bounds it (``check_explain_cost``).
     """
 
     name = "scorecam"
     description = (
         "Score-CAM: channel weights from forward passes on activation-masked inputs (slow)."
     )
-    needs_gradients = False
     needs_model = True
 
-    def combine(
-        self,
-        activations: torch.Tensor,
-        gradients: torch.Tensor | None,
-        score: ScoreContext | None = None,
-    ) -> torch.Tensor:
-        assert score is not None
+    def cam(self, activations: torch.Tensor, score: ScoreContext | None) -> torch.Tensor:
+        if score is None:
+            raise ValueError("scorecam needs the inputs and the model (a ScoreContext)")
         rows = []
         for row in range(activations.shape[0]):
             key = score.keys[row] if score.keys else None

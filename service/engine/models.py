@@ -1,24 +1,21 @@
-"""Loading models: architecture, weights, labels, preprocessing, layers, warm-up."""
+"""A served model resident on its device: its layers, classes and preprocessing, and how
+callers' layer and class names resolve against them. Building one is
+:func:`service.engine.loading.load_model`."""
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Mapping
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
-from service.engine.layers import LayerInfo, default_layer_name, discover_layers
+from service.engine.layers import LayerInfo
 from service.engine.preprocess import PreprocessConfig
 from service.engine.spec import ModelSpec
-from service.errors import ModelLoadError, UnknownLayerError, UnknownTargetError
-
-logger = logging.getLogger(__name__)
+from service.errors import UnknownLayerError, UnknownTargetError
 
 WeightsSource = Literal["hub", "safetensors", "state_dict", "random"]
 
@@ -49,7 +46,6 @@ class LoadedModel:
     layers: list[LayerInfo]
     default_layer: str
     autocast_dtype: torch.dtype | None = None
-    ready: bool = False
     _by_name: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
     _by_index: dict[int, LayerInfo] = field(default_factory=dict, repr=False)
     _label_index: dict[str, list[int]] = field(default_factory=dict, repr=False)
@@ -89,6 +85,12 @@ class LoadedModel:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def layer_names(self, names: Sequence[str]) -> tuple[str, ...]:
+        """The layers to explain: ``names``, or the model's default layer when there are none.
+
+        The one place the default layer is applied."""
+        return tuple(names) or (self.default_layer,)
+
     def layer(self, name: str | None = None, index: int | None = None) -> LayerInfo:
         """Resolve a layer by module path or by the seed script's ``layer_index``."""
         if name is not None and index is not None:
@@ -110,8 +112,7 @@ class LoadedModel:
         shown = ", ".join(names[-40:])
         raise UnknownLayerError(
             f"Model '{self.name}' has no usable layer '{name}'. "
-            f"The last {min(40, len(names))} of {len(names)} are: {shown}. "
-            f"GET /v1/models/{self.name}/layers lists them all.",
+            f"The last {min(40, len(names))} of {len(names)} are: {shown}.",
             allowed=names,
         )
 
@@ -140,212 +141,5 @@ class LoadedModel:
         allowed = self.labels if self.num_classes <= 50 else None
         hint = f" Allowed: {', '.join(self.labels)}." if allowed else ""
         raise UnknownTargetError(
-            f"Model '{self.name}' has no class labelled '{value}'.{hint}"
-            " Use a class index or a label from GET /v1/models/" + self.name + ".",
-            allowed=allowed,
+            f"Model '{self.name}' has no class labelled '{value}'.{hint}", allowed=allowed
         )
-
-
-def resolve_device(requested: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"Device '{requested}' was requested but CUDA is not available.")
-    return device
-
-
-def _create(spec: ModelSpec, pretrained: bool) -> nn.Module:
-    import timm
-
-    kwargs = dict(spec.model_kwargs)
-    if spec.num_classes is not None:
-        kwargs["num_classes"] = spec.num_classes
-    try:
-        return timm.create_model(spec.architecture, pretrained=pretrained, **kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise ModelLoadError(
-                f"Model '{spec.name}': timm has no architecture '{spec.architecture}'."
-            ) from exc
-        raise
-
-
-def _unwrap_state_dict(obj: object) -> dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state_dict", "module"):
-            inner = obj.get(key)
-            if (
-                isinstance(inner, Mapping)
-                and inner
-                and all(isinstance(v, torch.Tensor) for v in inner.values())
-            ):
-                obj = inner
-                break
-        tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            if all(k.startswith("module.") for k in tensors):
-                tensors = {k[len("module.") :]: v for k, v in tensors.items()}
-            return tensors
-    raise ModelLoadError("The checkpoint holds no state dict of tensors.")
-
-
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ModelLoadError(f"Weights file not found: {path}")
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"Could not read {path.name} as a state dict with weights_only=True: {exc}"
-        ) from exc
-    return _unwrap_state_dict(obj)
-
-
-def load_state_dict_strict(
-    model: nn.Module, state: Mapping[str, torch.Tensor], origin: str
-) -> None:
-    """Load ``state`` into ``model``, or fail naming the first mismatched keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [
-        f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected[:5])}")
-        if wrong_shape:
-            parts.append(f"shape mismatches: {', '.join(wrong_shape[:5])}")
-        raise ModelLoadError(
-            f"Weights from {origin} do not fit the architecture: " + "; ".join(parts) + "."
-        )
-    model.load_state_dict(state, strict=True)
-
-
-def _build(spec: ModelSpec) -> tuple[nn.Module, WeightsInfo]:
-    if spec.weights == "random":
-        return _create(spec, pretrained=False), WeightsInfo("random", note="requested")
-    if spec.weights == "hub":
-        try:
-            return _create(spec, pretrained=True), WeightsInfo("hub", location=spec.architecture)
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            if not spec.fallback_to_random:
-                raise ModelLoadError(
-                    f"Model '{spec.name}': hub weights for '{spec.architecture}' could not be"
-                    f" loaded ({type(exc).__name__}). Provide a local weights file, or set"
-                    " fallback_to_random to try the API with random weights."
-                ) from exc
-            logger.warning(
-                "model %s: hub weights for %s unavailable (%s: %s); RANDOM WEIGHTS in use -"
-                " predictions and explanations are meaningless",
-                spec.name,
-                spec.architecture,
-                type(exc).__name__,
-                str(exc).splitlines()[0][:200] if str(exc) else "",
-            )
-            note = f"hub weights unavailable ({type(exc).__name__}); fell back to random"
-            return _create(spec, pretrained=False), WeightsInfo("random", note=note)
-    path = Path(spec.weights)
-    model = _create(spec, pretrained=False)
-    state = _read_checkpoint(path)
-    load_state_dict_strict(model, state, path.name)
-    kind: WeightsSource = "safetensors" if path.suffix.lower() == ".safetensors" else "state_dict"
-    return model, WeightsInfo(kind, location=str(path))
-
-
-def _labels(spec: ModelSpec, num_classes: int) -> list[str]:
-    labels: list[str] | None = spec.labels
-    if spec.labels_file is not None:
-        text = Path(spec.labels_file).read_text(encoding="utf-8")
-        if text.lstrip().startswith("["):
-            labels = [str(v) for v in json.loads(text)]
-        else:
-            labels = [line.strip() for line in text.splitlines() if line.strip()]
-    if labels is None:
-        if num_classes == 1000:
-            from timm.data.imagenet_info import ImageNetInfo
-
-            info = ImageNetInfo()
-            return [info.index_to_description(i) for i in range(1000)]
-        return [f"class_{i}" for i in range(num_classes)]
-    if len(labels) != num_classes:
-        raise ModelLoadError(
-            f"Model '{spec.name}' has {num_classes} classes but {len(labels)} labels were given."
-        )
-    if len(set(labels)) != len(labels):
-        raise ModelLoadError(f"Model '{spec.name}' has duplicate label names.")
-    return labels
-
-
-def _input_size(model: nn.Module, data_config: dict[str, object]) -> dict[str, object]:
-    """timm's data config ignores ``img_size`` given at creation; the patch embed knows it."""
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    if isinstance(img_size, tuple) and len(img_size) == 2:
-        data_config = dict(data_config)
-        data_config["input_size"] = (3, int(img_size[0]), int(img_size[1]))
-    return data_config
-
-
-def load_model(
-    spec: ModelSpec,
-    device: torch.device,
-    *,
-    autocast_dtype: torch.dtype | None = None,
-    warmup: bool = True,
-) -> LoadedModel:
-    """Build, load and warm up a model: eval mode, frozen parameters, on ``device``."""
-    from timm.data.config import resolve_model_data_config
-
-    module, weights = _build(spec)
-    module.eval()
-    module.requires_grad_(False)
-    module.to(device)
-    head = getattr(module, "num_classes", None)
-    num_classes = int(head) if isinstance(head, int) and head > 0 else spec.num_classes or 0
-    if num_classes <= 0:
-        raise ModelLoadError(f"Model '{spec.name}' has no classifier head to explain.")
-    data_config = _input_size(module, resolve_model_data_config(module))  # type: ignore[no-untyped-call]
-    preprocessing = PreprocessConfig.from_timm(data_config, spec.preprocessing)
-    layers = discover_layers(module, preprocessing.input_size, device)
-    default = spec.default_layer or default_layer_name(module, layers)
-    if default is None or default not in {layer.name for layer in layers}:
-        raise ModelLoadError(
-            f"Model '{spec.name}': default layer '{default}' is not a usable spatial layer."
-        )
-    loaded = LoadedModel(
-        spec=spec,
-        module=module,
-        device=device,
-        preprocessing=preprocessing,
-        labels=_labels(spec, num_classes),
-        weights=weights,
-        layers=layers,
-        default_layer=default,
-        autocast_dtype=autocast_dtype,
-    )
-    if warmup:
-        warm_up(loaded)
-    loaded.ready = True
-    return loaded
-
-
-def warm_up(model: LoadedModel) -> None:
-    """One predict and one explain pass, so the first real request pays no start-up cost."""
-    from service.engine.explain import ImageRequest, explain
-
-    inputs = torch.zeros(1, 3, *model.input_size, device=model.device)
-    explain(model, inputs, [ImageRequest(layers=(model.default_layer,))], method="gradcam")

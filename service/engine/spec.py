@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,3 +72,11 @@ class ModelSpec(BaseModel):
         if self.labels is not None and self.labels_file is not None:
             raise ValueError("give labels or labels_file, not both")
         return self
+
+
+def check_unique_names(specs: Sequence[ModelSpec]) -> None:
+    """Model names are the API's keys: refuse (``ValueError``) a list that repeats one."""
+    names = [spec.name for spec in specs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"model names must be unique; repeated: {', '.join(repeated)}.")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service.engine.explain import ImageRequest, explain
-from service.engine.models import load_model
+from service.engine.loading import load_model
 from service.engine.spec import ModelSpec
 
 CASES = [

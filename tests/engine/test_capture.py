@@ -18,7 +18,8 @@ from torch import nn
 import service.engine.explain as explain_module
 from service.engine.capture import LayerCapture
 from service.engine.explain import ImageRequest, explain, predict
-from service.engine.models import LoadedModel, load_model
+from service.engine.loading import load_model
+from service.engine.models import LoadedModel
 from service.engine.spec import ModelSpec, PreprocessOverrides
 from service.errors import UnknownLayerError, UnknownTargetError
 

@@ -17,7 +17,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.data import resolve_model_data_config
 
-from service.engine.models import LoadedModel, load_model
+from service.engine.loading import load_model
+from service.engine.models import LoadedModel
 from service.engine.preprocess import PreprocessConfig, map_to_original, preprocess
 from service.engine.spec import ModelSpec, PreprocessOverrides
 from service.errors import ModelLoadError, UnknownTargetError
@@ -68,7 +69,6 @@ def test_loads_a_local_safetensors_file(tmp_path: Path) -> None:
     assert model.weights.source == "safetensors"
     assert model.weights.location == str(path)
     assert not model.weights.random
-    assert model.ready
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_unavailable_hub_weights_are_a_load_error_that_says_what_to_do(
 def test_unavailable_hub_weights_fall_back_to_random_when_allowed_and_say_so(
     hub_offline: list[bool], caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="service.engine.models"):
+    with caplog.at_level(logging.WARNING, logger="service.engine.loading"):
         model = load_model(_spec("hub", fallback_to_random=True), CPU)
     assert hub_offline == [True, False]
     assert model.weights.random
@@ -192,7 +192,6 @@ def test_unavailable_hub_weights_fall_back_to_random_when_allowed_and_say_so(
     assert model.weights.note is not None
     assert "fell back to random" in model.weights.note
     assert "RANDOM WEIGHTS" in caplog.text
-    assert model.ready
 
 
 def test_random_weights_are_reported_as_requested(load_tiny: Loader) -> None:

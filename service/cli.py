@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service.config import ConfigError, Settings
+from service.config import ConfigError, Settings, validation_summary
 
 logger = logging.getLogger("service")
 
@@ -82,10 +82,7 @@ def _load_settings() -> Settings | None:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"GRADCAM_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
+        problems = validation_summary(exc, as_variables=True)
         print(f"gradcam-service: invalid configuration: {problems}", file=sys.stderr)
         return None
 

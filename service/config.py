@@ -17,8 +17,18 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.images import DEFAULT_LIMITS, ImageLimits
-from service.engine.spec import ModelSpec
-from service.runtime.config import AutocastMode, RuntimeConfig
+from service.engine.spec import ModelSpec, check_unique_names
+from service.runtime.config import (
+    AutocastMode,
+    BatchSize,
+    BatchWaitMs,
+    CpuWorkers,
+    ForwardPasses,
+    QueueSize,
+    RuntimeConfig,
+    TimeoutS,
+    WorkersPerDevice,
+)
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -36,10 +46,16 @@ def _default_models() -> list[ModelSpec]:
     ]
 
 
-def _validation_summary(exc: ValidationError) -> str:
+def validation_summary(exc: ValidationError, *, as_variables: bool = False) -> str:
+    """One line naming every invalid field and why: by dotted path, or by the ``GRADCAM_*``
+    variable that sets it. Input values are left out (they may be secrets)."""
     parts = []
     for error in exc.errors(include_url=False, include_input=False):
-        where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        loc = [str(part) for part in error["loc"]]
+        if as_variables:
+            where = "GRADCAM_" + "_".join(loc).upper() if loc else "settings"
+        else:
+            where = ".".join(loc) or "(top level)"
         parts.append(f"{where}: {error['msg']}")
     return "; ".join(parts)
 
@@ -84,9 +100,12 @@ def load_models_file(path: Path) -> list[ModelSpec]:
             name = entry.get("name") if isinstance(entry, dict) else None
             which = f"models[{position}]" + (f" ({name})" if name else "")
             raise ConfigError(
-                f"GRADCAM_MODELS_FILE: {path}: {which}: {_validation_summary(exc)}"
+                f"GRADCAM_MODELS_FILE: {path}: {which}: {validation_summary(exc)}"
             ) from exc
-    _check_unique(specs, str(path))
+    try:
+        check_unique_names(specs)
+    except ValueError as exc:
+        raise ConfigError(f"GRADCAM_MODELS_FILE: {path}: {exc}") from None
     return specs
 
 
@@ -104,15 +123,6 @@ def _relative_to(entry: dict[str, Any], folder: Path) -> dict[str, Any]:
 def _resolve(value: str, folder: Path) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else folder / path
-
-
-def _check_unique(specs: list[ModelSpec], origin: str) -> None:
-    names = [spec.name for spec in specs]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ConfigError(
-            f"{origin}: model names must be unique; repeated: {', '.join(duplicates)}."
-        )
 
 
 class Settings(BaseSettings):
@@ -170,15 +180,15 @@ class Settings(BaseSettings):
     )
 
     # ---------------------------------------------------------------- runtime
-    workers_per_device: int = Field(default=_RUNTIME.workers_per_device, ge=1, le=64)
-    cpu_workers: int = Field(default=_RUNTIME.cpu_workers, ge=1, le=256)
-    max_batch_size: int = Field(default=_RUNTIME.max_batch_size, ge=1, le=1024)
-    max_batch_wait_ms: float = Field(default=_RUNTIME.max_batch_wait_ms, ge=0, le=10_000)
-    max_queue_size: int = Field(default=_RUNTIME.max_queue_size, ge=1)
-    request_timeout_s: float = Field(default=_RUNTIME.request_timeout_s, gt=0)
-    autocast: AutocastMode = Field(default=_RUNTIME.autocast)
-    scorecam_max_forward_passes: int = Field(default=_RUNTIME.scorecam_max_forward_passes, ge=1)
-    scorecam_batch_size: int = Field(default=_RUNTIME.scorecam_batch_size, ge=1)
+    workers_per_device: WorkersPerDevice = _RUNTIME.workers_per_device
+    cpu_workers: CpuWorkers = _RUNTIME.cpu_workers
+    max_batch_size: BatchSize = _RUNTIME.max_batch_size
+    max_batch_wait_ms: BatchWaitMs = _RUNTIME.max_batch_wait_ms
+    max_queue_size: QueueSize = _RUNTIME.max_queue_size
+    request_timeout_s: TimeoutS = _RUNTIME.request_timeout_s
+    autocast: AutocastMode = _RUNTIME.autocast
+    scorecam_max_forward_passes: ForwardPasses = _RUNTIME.scorecam_max_forward_passes
+    scorecam_batch_size: BatchSize = _RUNTIME.scorecam_batch_size
 
     @field_validator("log_level", "device", "autocast", mode="before")
     @classmethod
@@ -192,10 +202,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:
-        try:
-            _check_unique(self.models, "GRADCAM_MODELS")
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+        check_unique_names(self.models)
         return self
 
     def runtime_config(self) -> RuntimeConfig:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from service.engine.explain import ImageRequest, explain
 from service.engine.images import DecodedImage, decode_image
+from service.engine.models import LoadedModel
 from service.engine.preprocess import preprocess
 from service.engine.spec import ModelSpec
 from service.errors import (
@@ -26,7 +27,7 @@ from service.errors import (
     WorkerError,
 )
 from service.metrics import Metrics
-from service.runtime import runtime as runtime_module
+from service.runtime import workers
 from service.runtime.config import RuntimeConfig
 from service.runtime.jobs import ExplainJob, OutputOptions, PredictJob
 from service.runtime.runtime import Runtime
@@ -68,7 +69,7 @@ class _Gate:
         self.open = threading.Event()
         self.computed = 0
         self.batches: list[int] = []
-        real = runtime_module._run_group
+        real = workers.run_group
 
         def gated(replica: Any, group: list[Any], config: RuntimeConfig) -> Any:
             self.open.wait(timeout=30)
@@ -76,7 +77,7 @@ class _Gate:
             self.batches.append(len(group))
             return real(replica, group, config)
 
-        monkeypatch.setattr(runtime_module, "_run_group", gated)
+        monkeypatch.setattr(workers, "run_group", gated)
 
 
 @pytest.fixture
@@ -90,8 +91,9 @@ def test_concurrent_callers_with_different_targets_and_layers_get_their_own_maps
     images = [_image(i) for i in range(12)]
     layers = [("layer4",), ("layer3",), ("layer4", "layer2")]
 
-    async def scenario() -> tuple[list[Any], Runtime]:
+    async def scenario() -> tuple[list[Any], LoadedModel]:
         runtime = await _started(RuntimeConfig(max_batch_size=8, max_batch_wait_ms=50))
+        model = runtime.model("tiny")
         try:
             jobs = [
                 ExplainJob(
@@ -103,12 +105,11 @@ def test_concurrent_callers_with_different_targets_and_layers_get_their_own_maps
                 for i, image in enumerate(images)
             ]
             results = await asyncio.gather(*(runtime.explain("tiny", [job]) for job in jobs))
-            return results, runtime
+            return results, model
         finally:
             await runtime.stop()
 
-    results, runtime = _run(scenario)
-    model = runtime._queues["tiny"].replicas[0]
+    results, model = _run(scenario)
     assert max(r[0].timings.batch_size for r in results) > 1, "callers were never batched"
     for i, (outcome,) in enumerate(results):
         tensor, _ = preprocess(images[i].image, model.preprocessing)
@@ -188,7 +189,7 @@ def test_deadline_answers_timeout_and_drops_queued_work(gate: _Gate) -> None:
 def test_worker_fault_fails_only_its_batch_and_the_worker_carries_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = runtime_module._run_group
+    real = workers.run_group
     calls = {"n": 0}
 
     def flaky(replica: Any, group: list[Any], config: RuntimeConfig) -> Any:
@@ -197,7 +198,7 @@ def test_worker_fault_fails_only_its_batch_and_the_worker_carries_on(
             raise RuntimeError("simulated CUDA failure at /secret/path.py")
         return real(replica, group, config)
 
-    monkeypatch.setattr(runtime_module, "_run_group", flaky)
+    monkeypatch.setattr(workers, "run_group", flaky)
     metrics = Metrics()
 
     async def scenario() -> None:
@@ -221,7 +222,7 @@ def test_worker_fault_fails_only_its_batch_and_the_worker_carries_on(
 
 
 def test_out_of_memory_batch_is_retried_image_by_image(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = runtime_module._run_batch
+    real = workers.run_batch
     sizes: list[int] = []
 
     def oom_on_batches(replica: Any, group: list[Any], config: RuntimeConfig) -> Any:
@@ -230,7 +231,7 @@ def test_out_of_memory_batch_is_retried_image_by_image(monkeypatch: pytest.Monke
             raise torch.cuda.OutOfMemoryError("simulated")
         return real(replica, group, config)
 
-    monkeypatch.setattr(runtime_module, "_run_batch", oom_on_batches)
+    monkeypatch.setattr(workers, "run_batch", oom_on_batches)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
 
     async def scenario() -> list[Any]:

@@ -1,0 +1,62 @@
+"""What a caller sees of its maps: upsampled maps, overlays and the panel, drawn in the CPU pool."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from service.engine.explain import CamMap
+from service.engine.models import LoadedModel
+from service.engine.preprocess import Geometry, map_to_original
+from service.engine.render import MEDIA_TYPES, encode_image, overlay, render_panel
+from service.runtime.jobs import OutputOptions, RenderedMap
+
+#: Overlays are drawn on the upload scaled to at most this many pixels on a side.
+OVERLAY_MAX_SIDE = 1024
+
+
+def overlay_size(width: int, height: int, max_side: int = OVERLAY_MAX_SIDE) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, so the longer side is at most ``max_side``."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def render_maps(
+    model: LoadedModel,
+    image: Image.Image,
+    maps: list[CamMap],
+    geometry: Geometry,
+    options: OutputOptions,
+) -> list[RenderedMap]:
+    """The renderings ``options`` ask for, for each map of one image."""
+    shown: np.ndarray | None = None
+    shown_geometry = geometry
+    if options.overlay != "none":
+        width, height = overlay_size(image.width, image.height)
+        small = image if (width, height) == image.size else image.resize((width, height))
+        shown = np.asarray(small)
+        shown_geometry = geometry.resized(width, height)
+    rendered: list[RenderedMap] = []
+    for cam in maps:
+        out = RenderedMap(cam=cam)
+        if options.upsampled == "input":
+            out.upsampled = cam.input_map
+        elif options.upsampled == "original":
+            out.upsampled = map_to_original(cam.grid_normalized, geometry)
+        if shown is not None:
+            heat = map_to_original(cam.grid_normalized, shown_geometry)
+            if options.overlay == "panel":
+                label = model.labels[cam.target]
+                title = f"{label} ({cam.probability:.1%}) | {cam.layer} | {cam.method}"
+                picture = render_panel(
+                    shown, heat, colormap=options.colormap, alpha=options.alpha, title=title
+                )
+                fmt = "png"
+            else:
+                picture = overlay(shown, heat, colormap=options.colormap, alpha=options.alpha)
+                fmt = options.overlay
+            out.overlay = encode_image(picture, fmt)
+            out.overlay_media_type = MEDIA_TYPES[fmt]
+            out.overlay_size = (int(picture.shape[1]), int(picture.shape[0]))
+        rendered.append(out)
+    return rendered

@@ -1,0 +1,256 @@
+"""The batcher on its own: plain items and a fake handler, no model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Hashable
+from typing import Any, TypeVar
+
+import pytest
+
+from service.runtime.batching import Batched, Batcher, QueueFullError
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+class Recorder:
+    """A handler that doubles numbers, records each call, and can be held or made to fail."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.fail_on: set[int] = set()
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.calls.append(list(items))
+        await self.release.wait()
+        if self.fail_on & set(items):
+            raise ValueError(f"bad item in {items}")
+        return [2 * item for item in items]
+
+
+def _batcher(**overrides: Any) -> Batcher[int, int]:
+    options: dict[str, Any] = {"max_batch_size": 4, "max_batch_wait_s": 0.05, "max_queue_size": 16}
+    options.update(overrides)
+    return Batcher(**options)
+
+
+async def _stop(batcher: Batcher[int, int], loops: list[asyncio.Task[None]]) -> None:
+    batcher.close(len(loops))
+    await asyncio.wait_for(asyncio.gather(*loops), 5)
+
+
+def test_concurrent_callers_share_a_batch_and_each_gets_its_own_result() -> None:
+    async def scenario() -> tuple[list[list[Batched[int]]], list[list[int]]]:
+        batcher = _batcher()
+        handler = Recorder()
+        batcher.arriving = 1  # more items on their way: worth waiting for
+        results = asyncio.gather(*(batcher.submit([i, 10 + i]) for i in range(2)))
+        loops = [asyncio.create_task(batcher.run(handler))]
+        answers = await results
+        await _stop(batcher, loops)
+        return answers, handler.calls
+
+    answers, calls = _run(scenario())
+    assert calls == [[0, 10, 1, 11]]
+    assert [[r.value for r in answer] for answer in answers] == [[0, 20], [2, 22]]
+    assert all(r.batch_size == 4 for answer in answers for r in answer)
+    assert all(r.queued_s >= 0 and r.compute_s >= 0 for answer in answers for r in answer)
+
+
+def test_a_full_batch_goes_at_once_and_the_rest_waits_for_the_next() -> None:
+    async def scenario() -> list[list[int]]:
+        batcher = _batcher(max_batch_size=2, max_batch_wait_s=10.0)
+        handler = Recorder()
+        batcher.arriving = 1  # would hold a partial batch for the whole (long) budget
+        loops = [asyncio.create_task(batcher.run(handler))]
+        first = asyncio.create_task(batcher.submit([1, 2]))
+        await asyncio.wait_for(first, 1.0)  # full: no wait for the 10 s budget
+        batcher.arriving = 0
+        await asyncio.wait_for(batcher.submit([3]), 1.0)
+        await _stop(batcher, loops)
+        return handler.calls
+
+    assert _run(scenario()) == [[1, 2], [3]]
+
+
+def test_a_lone_item_is_not_held_for_the_wait_budget() -> None:
+    async def scenario() -> float:
+        batcher = _batcher(max_batch_wait_s=10.0)
+        loops = [asyncio.create_task(batcher.run(Recorder()))]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        (result,) = await asyncio.wait_for(batcher.submit([5]), 2.0)
+        assert result.value == 10
+        await _stop(batcher, loops)
+        return loop.time() - started
+
+    assert _run(scenario()) < 1.0
+
+
+def test_the_wait_budget_lets_arriving_items_join_the_batch() -> None:
+    async def scenario() -> list[list[int]]:
+        batcher = _batcher(max_batch_wait_s=0.5)
+        handler = Recorder()
+        loops = [asyncio.create_task(batcher.run(handler))]
+        batcher.arriving = 1
+        early = asyncio.create_task(batcher.submit([1]))
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(batcher.submit([2]))
+        batcher.arriving = 0
+        await asyncio.gather(early, late)
+        await _stop(batcher, loops)
+        return handler.calls
+
+    assert _run(scenario()) == [[1, 2]]
+
+
+def test_items_past_the_queue_bound_are_all_refused_and_none_queued() -> None:
+    async def scenario() -> tuple[QueueFullError, int]:
+        batcher = _batcher(max_queue_size=3)
+        batcher.put([1, 2])
+        with pytest.raises(QueueFullError) as refused:
+            batcher.put([3, 4])
+        return refused.value, batcher.depth
+
+    refused, depth = _run(scenario())
+    assert (refused.depth, refused.limit) == (2, 3)
+    assert refused.retry_after_s >= 1
+    assert depth == 2
+
+
+def test_retry_estimate_grows_with_the_queue_and_the_measured_batch_time() -> None:
+    async def scenario() -> tuple[float, float]:
+        batcher = _batcher(max_batch_size=2, max_queue_size=100)
+        handler = Recorder()
+        loops = [asyncio.create_task(batcher.run(handler))]
+        batcher.batch_seconds = 3.0
+        handler.release.clear()
+        batcher.put(list(range(2)))
+        await asyncio.sleep(0.05)  # taken by the loop, held by the handler
+        batcher.put(list(range(10)))
+        short, long = batcher.retry_after_s(), batcher.retry_after_s(20)
+        handler.release.set()
+        await _stop(batcher, loops)
+        return short, long
+
+    short, long = _run(scenario())
+    assert short == 15.0  # 10 queued = 5 batches of 3 s on one loop
+    assert long == 45.0
+
+
+def test_a_failing_group_fails_only_its_callers() -> None:
+    async def scenario() -> tuple[list[Any], list[list[int]]]:
+        batcher: Batcher[int, int] = Batcher(
+            max_batch_size=8,
+            max_batch_wait_s=0.1,
+            max_queue_size=16,
+            group_key=lambda item: item % 2,
+        )
+        handler = Recorder()
+        handler.fail_on = {3}
+        batcher.arriving = 1
+        calls = [batcher.submit([i]) for i in range(4)]
+        loops = [asyncio.create_task(batcher.run(handler))]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        batcher.arriving = 0
+        after = await batcher.submit([6])
+        await _stop(batcher, loops)
+        return [*answers, after], handler.calls
+
+    answers, calls = _run(scenario())
+    assert calls[:2] == [[0, 2], [1, 3]]
+    assert [r[0].value for r in (answers[0], answers[2])] == [0, 4]
+    assert isinstance(answers[1], ValueError)
+    assert isinstance(answers[3], ValueError)
+    assert answers[4][0].value == 12, "the loop carries on after a failure"
+
+
+def test_a_handler_that_loses_results_fails_its_callers() -> None:
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    async def scenario() -> BaseException | None:
+        batcher = _batcher()
+        loops = [asyncio.create_task(batcher.run(short))]
+        try:
+            await batcher.submit([1, 2])
+        except RuntimeError as exc:
+            return exc
+        finally:
+            await _stop(batcher, loops)
+        return None
+
+    assert "returned 1 results for 2" in str(_run(scenario()))
+
+
+def test_a_cancelled_callers_items_never_reach_the_handler() -> None:
+    async def scenario() -> tuple[list[list[int]], int]:
+        batcher = _batcher(max_batch_size=3)
+        handler = Recorder()
+        handler.release.clear()
+        loops = [asyncio.create_task(batcher.run(handler))]
+        busy = asyncio.create_task(batcher.submit([1]))
+        await asyncio.sleep(0.05)
+        gone = asyncio.create_task(batcher.submit([2, 3]))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        later = asyncio.create_task(batcher.submit([4, 5]))
+        await asyncio.sleep(0.05)
+        handler.release.set()
+        await asyncio.gather(busy, later)
+        depth = batcher.depth
+        await _stop(batcher, loops)
+        return handler.calls, depth
+
+    calls, depth = _run(scenario())
+    assert calls == [[1], [4, 5]], "cancelled items must not take places in a batch"
+    assert depth == 0
+
+
+def test_close_drains_queued_items_then_stops_every_loop() -> None:
+    async def scenario() -> tuple[list[int], list[list[int]]]:
+        batcher = _batcher(max_batch_size=2)
+        handler = Recorder()
+        futures = batcher.put([1, 2, 3, 4, 5])
+        loops = [asyncio.create_task(batcher.run(handler)) for _ in range(2)]
+        batcher.close(len(loops))
+        await asyncio.wait_for(asyncio.gather(*loops), 5)
+        return [f.result().value for f in futures], handler.calls
+
+    values, calls = _run(scenario())
+    assert values == [2, 4, 6, 8, 10]
+    assert sorted(item for call in calls for item in call) == [1, 2, 3, 4, 5]
+
+
+def test_every_handler_call_is_reported_with_its_key_size_and_duration() -> None:
+    seen: list[tuple[Hashable, int, float]] = []
+
+    async def scenario() -> float:
+        batcher: Batcher[int, int] = Batcher(
+            max_batch_size=8,
+            max_batch_wait_s=0.1,
+            max_queue_size=16,
+            group_key=lambda item: "odd" if item % 2 else "even",
+            on_group=lambda key, size, seconds: seen.append((key, size, seconds)),
+        )
+        batcher.put([1, 2, 3])
+        loops = [asyncio.create_task(batcher.run(Recorder()))]
+        await asyncio.sleep(0.1)
+        await _stop(batcher, loops)
+        return batcher.batch_seconds
+
+    batch_seconds = _run(scenario())
+    assert sorted((key, size) for key, size, _ in seen) == [("even", 1), ("odd", 2)]
+    assert all(seconds >= 0 for *_, seconds in seen)
+    assert batch_seconds > 0
+
+
+def test_invalid_sizes_are_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="batch size"):
+        Batcher(max_batch_size=0, max_batch_wait_s=0.0, max_queue_size=1)

@@ -158,7 +158,7 @@ def _machine(device: torch.device) -> list[str]:
     except Exception:  # pragma: no cover - reporting only
         gradcam_version = "unknown"
     lines = [
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'n/a'})",
         f"- torch {torch.__version__}, {torch.get_num_threads()} intra-op threads;"
         f" timm {timm.__version__}; grad-cam {gradcam_version}; Python {platform.python_version()}",

@@ -136,3 +136,19 @@ class WorkerError(ServiceError):
     category = ErrorCategory.INTERNAL
     code = "worker_error"
     title = "The computation failed"
+
+
+class ServiceNotReadyError(ServiceError):
+    """The service as a whole is not ready (``/readyz``): some model is loading or failed."""
+
+    category = ErrorCategory.NOT_READY
+    code = "not_ready"
+    title = "The service is not ready"
+
+
+class UnsupportedContentTypeError(ServiceError):
+    """The request body is neither ``multipart/form-data`` nor JSON."""
+
+    category = ErrorCategory.UNSUPPORTED_MEDIA
+    code = "unsupported_content_type"
+    title = "Unsupported request content type"

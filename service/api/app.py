@@ -31,7 +31,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.problems import (
     install_problem_handlers,
     problem_response,
-    problem_type,
     service_problem,
     unhandled_error_handler,
     use_problem_media_type,
@@ -40,7 +39,7 @@ from service.api.routes import REQUEST_SCHEMAS, ClientDisconnectedError
 from service.api.routes import router as v1_router
 from service.api.schemas import Liveness, ModelStatusSchema, NotReadyProblem, Readiness
 from service.config import Settings, get_settings
-from service.errors import PayloadTooLargeError, ServiceError
+from service.errors import PayloadTooLargeError, ServiceError, ServiceNotReadyError
 from service.metrics import Metrics
 from service.runtime.runtime import Runtime
 
@@ -272,16 +271,8 @@ async def readyz(request: Request) -> Readiness | Response:
         if waiting
         else "The service is starting or stopping."
     )
-    problem = NotReadyProblem(
-        type=problem_type("not_ready"),
-        title="The service is not ready",
-        status=503,
-        detail=detail,
-        code="not_ready",
-        instance=request.url.path,
-        retry_after_s=5.0,
-        models=models,
-    )
+    error = ServiceNotReadyError(detail, retry_after_s=5.0)
+    problem = NotReadyProblem(**dict(service_problem(error, request.url.path)), models=models)
     return problem_response(problem)
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import ErrorCategory, ServiceError
+from service.errors import ErrorCategory, InvalidParameterError, ServiceError
 
 logger = logging.getLogger("service.api")
 
@@ -43,6 +43,8 @@ STATUS_BY_CATEGORY: dict[ErrorCategory, int] = {
 
 #: Whether a status lets the caller retry later; ``Retry-After`` is sent for these when known.
 RETRYABLE = frozenset({429, 503})
+
+INTERNAL_DETAIL = "The service failed to handle this request; it was logged. Retry, or report it."
 
 
 class FieldError(BaseModel):
@@ -171,15 +173,9 @@ def validation_problem(raw_errors: Iterable[Any], instance: str | None) -> Probl
     summary = "; ".join(f"{_field_name(e.loc)}: {e.msg}" for e in errors[:10])
     if len(errors) > 10:
         summary += f"; and {len(errors) - 10} more"
-    return Problem(
-        type=problem_type("invalid_parameter"),
-        title="Invalid parameter",
-        status=422,
-        detail=f"The request has invalid parameters: {summary}." if errors else "Invalid request.",
-        code="invalid_parameter",
-        instance=instance,
-        errors=errors,
-    )
+    detail = f"The request has invalid parameters: {summary}." if errors else "Invalid request."
+    problem = service_problem(InvalidParameterError(detail), instance)
+    return problem.model_copy(update={"errors": errors})
 
 
 async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -224,14 +220,8 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
 
 
 def internal_problem(instance: str | None) -> Problem:
-    return Problem(
-        type=problem_type("internal_error"),
-        title="Internal error",
-        status=500,
-        detail="The service failed to handle this request; it was logged. Retry, or report it.",
-        code="internal_error",
-        instance=instance,
-    )
+    """The generic 500: it says nothing about the failure, which goes to the log."""
+    return service_problem(ServiceError(INTERNAL_DETAIL), instance)
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -44,11 +44,10 @@ from service.engine.images import ACCEPTED_FORMATS
 from service.engine.models import LoadedModel
 from service.engine.spec import ModelSpec
 from service.errors import (
-    ErrorCategory,
     InvalidImageError,
     InvalidParameterError,
     ModelNotReadyError,
-    ServiceError,
+    UnsupportedContentTypeError,
 )
 from service.runtime.jobs import ExplainJob, OutputOptions, PredictJob
 from service.runtime.runtime import Runtime
@@ -66,12 +65,6 @@ REQUEST_SCHEMAS: tuple[type[BaseModel], ...] = (
     ExplainForm,
     ExplainJsonRequest,
 )
-
-
-class UnsupportedContentTypeError(ServiceError):
-    category = ErrorCategory.UNSUPPORTED_MEDIA
-    code = "unsupported_content_type"
-    title = "Unsupported request content type"
 
 
 class ClientDisconnectedError(Exception):

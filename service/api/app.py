@@ -28,6 +28,8 @@ from pydantic.json_schema import models_json_schema
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.answers import model_statuses, not_ready_problem
+from service.api.examples import add_schema_extras
 from service.api.problems import (
     install_problem_handlers,
     problem_response,
@@ -35,11 +37,12 @@ from service.api.problems import (
     unhandled_error_handler,
     use_problem_media_type,
 )
-from service.api.routes import REQUEST_SCHEMAS, ClientDisconnectedError
+from service.api.requests import REQUEST_SCHEMAS
+from service.api.responses import Liveness, NotReadyProblem, Readiness
+from service.api.routes import ClientDisconnectedError
 from service.api.routes import router as v1_router
-from service.api.schemas import Liveness, ModelStatusSchema, NotReadyProblem, Readiness
 from service.config import Settings, get_settings
-from service.errors import PayloadTooLargeError, ServiceError, ServiceNotReadyError
+from service.errors import PayloadTooLargeError, ServiceError
 from service.metrics import Metrics
 from service.runtime.runtime import Runtime
 
@@ -258,22 +261,12 @@ async def livez() -> Liveness:
 )
 async def readyz(request: Request) -> Readiness | Response:
     runtime = getattr(request.app.state, "runtime", None)
-    statuses = runtime.statuses() if isinstance(runtime, Runtime) else {}
-    models = {
-        name: ModelStatusSchema(state=s.state, error=s.error, replicas=s.replicas)
-        for name, s in statuses.items()
-    }
-    if isinstance(runtime, Runtime) and runtime.ready:
+    if not isinstance(runtime, Runtime):
+        return problem_response(not_ready_problem({}, request.url.path))
+    models = model_statuses(runtime.statuses())
+    if runtime.ready:
         return Readiness(models=models)
-    waiting = [f"{name} ({m.state})" for name, m in models.items() if m.state != "ready"]
-    detail = (
-        f"{len(waiting)} of {len(models)} models not ready: {', '.join(waiting)}."
-        if waiting
-        else "The service is starting or stopping."
-    )
-    error = ServiceNotReadyError(detail, retry_after_s=5.0)
-    problem = NotReadyProblem(**dict(service_problem(error, request.url.path)), models=models)
-    return problem_response(problem)
+    return problem_response(not_ready_problem(models, request.url.path))
 
 
 @health.get(
@@ -306,7 +299,7 @@ def _drop_default_validation_responses(schema: dict[str, Any]) -> None:
 
 
 class GradCamAPI(FastAPI):
-    """FastAPI with the upload request bodies and problem media type in its OpenAPI doc."""
+    """FastAPI with the upload bodies, the examples and the problem media type in its doc."""
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is not None:
@@ -319,6 +312,7 @@ class GradCamAPI(FastAPI):
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, definition in definitions.get("$defs", {}).items():
             components.setdefault(name, definition)
+        add_schema_extras(components)
         _drop_default_validation_responses(schema)
         use_problem_media_type(schema)
         self.openapi_schema = schema

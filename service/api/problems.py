@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import ErrorCategory, InvalidParameterError, ServiceError
@@ -59,20 +59,6 @@ class FieldError(BaseModel):
 
 class Problem(BaseModel):
     """An error, as RFC 9457 problem details (``application/problem+json``)."""
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "example": {
-                "type": "urn:gradcam-service:problem:unknown_layer",
-                "title": "Unknown or unusable layer",
-                "status": 422,
-                "detail": "Model 'resnet50' has no usable layer 'layer5'. ...",
-                "code": "unknown_layer",
-                "instance": "/v1/models/resnet50/explain",
-                "allowed": ["layer1", "layer2", "layer3", "layer4"],
-            }
-        }
-    )
 
     type: str = Field(
         default="about:blank",
@@ -245,145 +231,6 @@ def install_problem_handlers(app: FastAPI) -> None:
 
 
 # ------------------------------------------------------------------------- OpenAPI
-
-_EXAMPLES: dict[int, tuple[str, dict[str, Any]]] = {
-    400: (
-        "The image could not be decoded",
-        {
-            "type": problem_type("invalid_image"),
-            "title": "The image could not be decoded",
-            "status": 400,
-            "detail": "image 1: The uploaded data is not an image in any recognised format; send"
-            " the bytes of a JPEG, PNG, BMP, TIFF, WEBP, GIF file.",
-            "code": "invalid_image",
-            "instance": "/v1/models/resnet50/explain",
-            "image_index": 1,
-        },
-    ),
-    404: (
-        "No model with this name",
-        {
-            "type": problem_type("unknown_model"),
-            "title": "Unknown model",
-            "status": 404,
-            "detail": "There is no model named 'resnet5'.",
-            "code": "unknown_model",
-            "instance": "/v1/models/resnet5",
-            "allowed": ["resnet50"],
-        },
-    ),
-    413: (
-        "The upload, or an image's dimensions, exceed the limits",
-        {
-            "type": problem_type("payload_too_large"),
-            "title": "The upload is too large",
-            "status": 413,
-            "detail": "The request body is larger than the limit of 20971520 bytes (20.0 MiB);"
-            " send smaller or fewer images.",
-            "code": "payload_too_large",
-            "instance": "/v1/models/resnet50/predict",
-        },
-    ),
-    415: (
-        "The image format is not accepted",
-        {
-            "type": problem_type("unsupported_image_format"),
-            "title": "The image format is not accepted",
-            "status": 415,
-            "detail": "image 0: Images in ICO format are not accepted; convert it to one of"
-            " JPEG, PNG, BMP, TIFF, WEBP, GIF and try again.",
-            "code": "unsupported_image_format",
-            "instance": "/v1/models/resnet50/predict",
-            "image_index": 0,
-            "allowed": ["JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF"],
-        },
-    ),
-    422: (
-        "A parameter is invalid: unknown layer or class, bad value, too many images",
-        {
-            "type": problem_type("invalid_parameter"),
-            "title": "Invalid parameter",
-            "status": 422,
-            "detail": "The request has invalid parameters: top_k: Input should be greater than"
-            " or equal to 1.",
-            "code": "invalid_parameter",
-            "instance": "/v1/models/resnet50/predict",
-            "errors": [
-                {
-                    "loc": ["form", "top_k"],
-                    "msg": "Input should be greater than or equal to 1",
-                    "type": "greater_than_equal",
-                }
-            ],
-        },
-    ),
-    429: (
-        "Too much work is queued; retry after the Retry-After delay",
-        {
-            "type": problem_type("overloaded"),
-            "title": "The service is overloaded",
-            "status": 429,
-            "detail": "Model 'resnet50' has 64 images queued (limit 64); retry after 2 s.",
-            "code": "overloaded",
-            "instance": "/v1/models/resnet50/explain",
-            "retry_after_s": 2.0,
-        },
-    ),
-    500: (
-        "An unexpected failure (logged on the server)",
-        internal_problem("/v1/models/resnet50/explain").model_dump(exclude_none=True),
-    ),
-    503: (
-        "The model is still loading, failed to load, or the service is shutting down",
-        {
-            "type": problem_type("model_not_ready"),
-            "title": "The model is not ready",
-            "status": 503,
-            "detail": "Model 'resnet50' is not ready (loading).",
-            "code": "model_not_ready",
-            "instance": "/v1/models/resnet50/predict",
-            "retry_after_s": 5.0,
-        },
-    ),
-    504: (
-        "The request did not finish within its deadline",
-        {
-            "type": problem_type("deadline_exceeded"),
-            "title": "The request took longer than its deadline",
-            "status": 504,
-            "detail": "The request did not finish within 60 s; its remaining work was dropped."
-            " Retry later or send fewer images.",
-            "code": "deadline_exceeded",
-            "instance": "/v1/models/resnet50/explain",
-        },
-    ),
-}
-
-
-def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries for these error statuses, with the Problem schema."""
-    responses: dict[int | str, dict[str, Any]] = {}
-    for status in statuses:
-        description, example = _EXAMPLES[status]
-        headers = (
-            {
-                "Retry-After": {
-                    "description": "Seconds to wait before retrying.",
-                    "schema": {"type": "integer"},
-                }
-            }
-            if status in RETRYABLE
-            else None
-        )
-        entry: dict[str, Any] = {
-            "model": Problem,
-            "description": description,
-            "content": {"application/json": {"example": example}},
-        }
-        if headers:
-            entry["headers"] = headers
-        responses[status] = entry
-    return responses
 
 
 def use_problem_media_type(openapi: dict[str, Any]) -> dict[str, Any]:

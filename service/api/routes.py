@@ -23,24 +23,21 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from service.api.problems import problem_responses
-from service.api.schemas import (
+from service.api import answers
+from service.api.examples import problem_responses
+from service.api.requests import (
+    IMAGE_MEDIA_TYPES,
     ExplainForm,
     ExplainJsonRequest,
     ExplainParams,
-    ExplainResponse,
-    LayerList,
-    LayerSchema,
-    ModelInfo,
-    ModelList,
+    JsonRequest,
     PredictForm,
     PredictJsonRequest,
     PredictParams,
-    PredictResponse,
 )
+from service.api.responses import ExplainResponse, LayerList, ModelInfo, ModelList, PredictResponse
 from service.config import Settings, get_settings
 from service.engine.explain import PostProcess
-from service.engine.images import ACCEPTED_FORMATS
 from service.engine.models import LoadedModel
 from service.engine.spec import ModelSpec
 from service.errors import (
@@ -57,14 +54,6 @@ P = TypeVar("P", bound=BaseModel)
 
 #: How often a waiting request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.1
-
-IMAGE_MEDIA_TYPES = tuple(f"image/{fmt.lower()}" for fmt in ACCEPTED_FORMATS)
-REQUEST_SCHEMAS: tuple[type[BaseModel], ...] = (
-    PredictForm,
-    PredictJsonRequest,
-    ExplainForm,
-    ExplainJsonRequest,
-)
 
 
 class ClientDisconnectedError(Exception):
@@ -210,7 +199,7 @@ def _decode_base64(data: str, index: int) -> bytes:
 
 
 async def _read_json(
-    request: Request, settings: Settings, json_model: type[PredictJsonRequest | ExplainJsonRequest]
+    request: Request, settings: Settings, json_model: type[JsonRequest]
 ) -> Upload[Any]:
     body = await request.body()
     try:
@@ -226,7 +215,7 @@ async def _read_upload(
     request: Request,
     settings: Settings,
     params_model: type[P],
-    json_model: type[PredictJsonRequest | ExplainJsonRequest],
+    json_model: type[JsonRequest],
 ) -> Upload[P]:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type == "multipart/form-data":
@@ -320,10 +309,10 @@ def _model_info(runtime: Runtime, spec: ModelSpec) -> ModelInfo:
     status = runtime.statuses()[spec.name]
     if status.state == "ready":
         try:
-            return ModelInfo.from_model(runtime.model(spec.name), status.replicas)
+            return answers.model_info(runtime.model(spec.name), status.replicas)
         except ModelNotReadyError:
             pass  # shutting down
-    return ModelInfo.pending(spec, status.state, status.error, status.replicas)
+    return answers.pending_model_info(spec, status)
 
 
 def _request_body(form: type[BaseModel], json_body: type[BaseModel]) -> dict[str, Any]:
@@ -361,7 +350,7 @@ async def list_models(runtime: RuntimeDep) -> ModelList:
 async def describe_model(model: ModelName, runtime: RuntimeDep) -> ModelInfo:
     """Classes, preprocessing, default layer, device and weights (random ones are flagged)."""
     try:
-        return ModelInfo.from_model(runtime.model(model), runtime.statuses()[model].replicas)
+        return answers.model_info(runtime.model(model), runtime.statuses()[model].replicas)
     except ModelNotReadyError:
         spec = next(spec for spec in runtime.specs() if spec.name == model)
         return _model_info(runtime, spec)
@@ -374,11 +363,7 @@ async def describe_model(model: ModelName, runtime: RuntimeDep) -> ModelInfo:
 )
 async def list_layers(model: ModelDep) -> LayerList:
     """Every spatial layer of the model in forward order, with its feature grid."""
-    return LayerList(
-        model=model.name,
-        default_layer=model.default_layer,
-        layers=[LayerSchema.from_info(info) for info in model.layers],
-    )
+    return answers.layer_list(model)
 
 
 @router.post(
@@ -396,7 +381,7 @@ async def predict(
     decode_s = (time.perf_counter() - started) / len(images)
     jobs = [PredictJob(image=image) for image in images]
     outcomes = await until_disconnected(request, runtime.predict(model.name, jobs))
-    return PredictResponse.build(model, images, outcomes, upload.params.top_k, decode_s)
+    return answers.predict_response(model, images, outcomes, upload.params.top_k, decode_s)
 
 
 @router.post(
@@ -428,4 +413,4 @@ async def explain(
         for image in images
     ]
     outcomes = await until_disconnected(request, runtime.explain(model.name, jobs))
-    return ExplainResponse.build(model, images, outcomes, params, decode_s)
+    return answers.explain_response(model, images, outcomes, params, decode_s)

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from service.api.answers import not_ready_problem
+from service.api.middleware import upload_too_large
 from service.api.problems import (
     RETRYABLE,
     Problem,
@@ -36,7 +37,6 @@ from service.errors import (
     InvalidImageError,
     ModelNotReadyError,
     OverloadedError,
-    PayloadTooLargeError,
     ServiceError,
     UnknownLayerError,
     UnknownModelError,
@@ -200,13 +200,7 @@ PROBLEM_EXAMPLES: dict[int, tuple[str, dict[str, Any]]] = {
     ),
     413: (
         "The upload, or an image's dimensions, exceed the limits",
-        _problem(
-            PayloadTooLargeError(
-                "The request body is larger than the limit of 20971520 bytes (20.0 MiB); send"
-                " smaller or fewer images."
-            ),
-            _PREDICT,
-        ),
+        _problem(upload_too_large(20 * 1024 * 1024), _PREDICT),
     ),
     415: (
         "The image format is not accepted",

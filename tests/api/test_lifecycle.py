@@ -12,7 +12,7 @@ import pytest
 from fastapi import Request
 from fastapi.testclient import TestClient
 
-from service.api import routes
+from service.api import disconnects
 from service.api.app import create_app
 from service.config import Settings
 from service.engine.spec import ModelSpec
@@ -103,7 +103,7 @@ class _FakeRequest:
 
 
 def test_disconnected_client_cancels_its_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(routes, "DISCONNECT_POLL_S", 0.01)
+    monkeypatch.setattr(disconnects, "DISCONNECT_POLL_S", 0.01)
     cancelled = asyncio.Event()
 
     async def forever() -> None:
@@ -115,15 +115,15 @@ def test_disconnected_client_cancels_its_work(monkeypatch: pytest.MonkeyPatch) -
 
     async def scenario() -> None:
         request: Any = _FakeRequest(polls=2)
-        with pytest.raises(routes.ClientDisconnectedError):
-            await routes.until_disconnected(request, forever())
+        with pytest.raises(disconnects.ClientDisconnectedError):
+            await disconnects.until_disconnected(request, forever())
         await asyncio.wait_for(cancelled.wait(), 1)
 
     asyncio.run(scenario())
 
 
 def test_connected_client_gets_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(routes, "DISCONNECT_POLL_S", 0.01)
+    monkeypatch.setattr(disconnects, "DISCONNECT_POLL_S", 0.01)
 
     async def slowish() -> int:
         await asyncio.sleep(0.05)
@@ -131,7 +131,7 @@ def test_connected_client_gets_the_result(monkeypatch: pytest.MonkeyPatch) -> No
 
     async def scenario() -> int:
         request: Any = _FakeRequest(polls=1000)
-        return await routes.until_disconnected(request, slowish())
+        return await disconnects.until_disconnected(request, slowish())
 
     assert asyncio.run(scenario()) == 7
 
@@ -139,7 +139,7 @@ def test_connected_client_gets_the_result(monkeypatch: pytest.MonkeyPatch) -> No
 def test_request_of_a_departed_client_is_dropped(
     client: TestClient, png: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(routes, "DISCONNECT_POLL_S", 0.01)
+    monkeypatch.setattr(disconnects, "DISCONNECT_POLL_S", 0.01)
     started, cancelled = threading.Event(), threading.Event()
 
     async def stuck(*_: object) -> None:

@@ -1,0 +1,60 @@
+"""Every dependency the endpoints declare, as ``Annotated`` types.
+
+The model dependency resolves before any body is read, so an unknown or loading model is
+answered (404, 503) without reading the upload.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from service.api.requests import (
+    ExplainJsonRequest,
+    ExplainParams,
+    PredictJsonRequest,
+    PredictParams,
+)
+from service.api.uploads import Upload, read_upload
+from service.config import Settings, get_settings
+from service.engine.models import LoadedModel
+from service.errors import ModelNotReadyError
+from service.runtime.runtime import Runtime
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime = getattr(request.app.state, "runtime", None)
+    if not isinstance(runtime, Runtime):
+        raise ModelNotReadyError(
+            "The service is not running (starting or stopping); retry shortly.",
+            retry_after_s=5.0,
+        )
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ModelName = Annotated[
+    str, Path(description="Model name, as listed by GET /v1/models.", examples=["resnet50"])
+]
+
+
+def get_model(model: ModelName, runtime: RuntimeDep) -> LoadedModel:
+    """The ready model named in the path (404 unknown, 503 not ready), before any body is read."""
+    return runtime.model(model)
+
+
+ModelDep = Annotated[LoadedModel, Depends(get_model)]
+
+
+async def read_predict(request: Request, settings: SettingsDep) -> Upload[PredictParams]:
+    return await read_upload(request, settings, PredictParams, PredictJsonRequest)
+
+
+async def read_explain(request: Request, settings: SettingsDep) -> Upload[ExplainParams]:
+    return await read_upload(request, settings, ExplainParams, ExplainJsonRequest)
+
+
+PredictUpload = Annotated[Upload[PredictParams], Depends(read_predict)]
+ExplainUpload = Annotated[Upload[ExplainParams], Depends(read_explain)]

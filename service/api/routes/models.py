@@ -1,0 +1,193 @@
+"""The ``/v1`` endpoints: models, their layers, predictions and explanations.
+
+Thin handlers over the runtime. Everything that can be checked without the model's work (image
+count, parameters, layer and class names) is checked before anything is queued, and a request
+whose client goes away has its queued work cancelled.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+from service.api import answers
+from service.api.deps import ExplainUpload, ModelDep, ModelName, PredictUpload, RuntimeDep
+from service.api.disconnects import until_disconnected
+from service.api.examples import problem_responses
+from service.api.requests import (
+    IMAGE_MEDIA_TYPES,
+    ExplainForm,
+    ExplainJsonRequest,
+    ExplainParams,
+    PredictForm,
+    PredictJsonRequest,
+)
+from service.api.responses import ExplainResponse, LayerList, ModelInfo, ModelList, PredictResponse
+from service.engine.explain import PostProcess
+from service.engine.images import DecodedImage
+from service.engine.models import LoadedModel
+from service.engine.spec import ModelSpec
+from service.errors import (
+    InvalidParameterError,
+    ModelNotReadyError,
+)
+from service.runtime.jobs import ExplainJob, OutputOptions, PredictJob
+from service.runtime.runtime import Runtime
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class ExplainPlan:
+    layers: tuple[str, ...]
+    targets: tuple[int, ...] | None
+    post: PostProcess
+    outputs: OutputOptions
+
+
+def plan_explain(model: LoadedModel, params: ExplainParams) -> ExplainPlan:
+    """Resolve layers and targets against the model, so that bad names fail before queueing."""
+    if params.layer and params.layer_index is not None:
+        raise InvalidParameterError(
+            "Give 'layer' or 'layer_index', not both.", code="conflicting_parameters"
+        )
+    if params.layer_index is not None:
+        layers: tuple[str, ...] = (model.layer(index=params.layer_index).name,)
+    elif params.layer:
+        layers = tuple(dict.fromkeys(model.layer(name).name for name in params.layer))
+    else:
+        layers = (model.default_layer,)
+    targets = tuple(dict.fromkeys(model.target(value) for value in params.target)) or None
+    post = (
+        PostProcess(mode="threshold", threshold=params.threshold)
+        if params.threshold is not None
+        else PostProcess()
+    )
+    outputs = OutputOptions(
+        heatmap=params.heatmap,
+        upsampled=params.upsampled,
+        overlay=params.overlay,
+        colormap=params.colormap,
+        alpha=params.alpha,
+    )
+    return ExplainPlan(layers, targets, post, outputs)
+
+
+def _model_info(runtime: Runtime, spec: ModelSpec) -> ModelInfo:
+    status = runtime.statuses()[spec.name]
+    if status.state == "ready":
+        try:
+            return answers.model_info(runtime.model(spec.name), status.replicas)
+        except ModelNotReadyError:
+            pass  # shutting down
+    return answers.pending_model_info(spec, status)
+
+
+async def _decode(
+    request: Request, runtime: Runtime, blobs: list[bytes]
+) -> tuple[list[DecodedImage], float]:
+    """The uploaded images, decoded off the event loop, and the decode time per image."""
+    started = time.perf_counter()
+    images = await until_disconnected(request, runtime.decode(blobs))
+    return images, (time.perf_counter() - started) / len(images)
+
+
+def _request_body(form: type[BaseModel], json_body: type[BaseModel]) -> dict[str, Any]:
+    """The requestBody of an upload endpoint: multipart or JSON (schemas added by the app)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"$ref": f"#/components/schemas/{form.__name__}"},
+                    "encoding": {"image": {"contentType": ", ".join(IMAGE_MEDIA_TYPES)}},
+                },
+                "application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{json_body.__name__}"}
+                },
+            },
+        }
+    }
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+_UPLOAD_ERRORS = problem_responses(400, 404, 413, 415, 422, 429, 500, 503, 504)
+
+
+@router.get("/models", summary="List the served models")
+async def list_models(runtime: RuntimeDep) -> ModelList:
+    """Every configured model with its state; details once it is loaded."""
+    return ModelList(models=[_model_info(runtime, spec) for spec in runtime.specs()])
+
+
+@router.get("/models/{model}", summary="Describe a model", responses=problem_responses(404))
+async def describe_model(model: ModelName, runtime: RuntimeDep) -> ModelInfo:
+    """Classes, preprocessing, default layer, device and weights (random ones are flagged)."""
+    try:
+        return answers.model_info(runtime.model(model), runtime.statuses()[model].replicas)
+    except ModelNotReadyError:
+        spec = next(spec for spec in runtime.specs() if spec.name == model)
+        return _model_info(runtime, spec)
+
+
+@router.get(
+    "/models/{model}/layers",
+    summary="List the layers a CAM can use",
+    responses=problem_responses(404, 503),
+)
+async def list_layers(model: ModelDep) -> LayerList:
+    """Every spatial layer of the model in forward order, with its feature grid."""
+    return answers.layer_list(model)
+
+
+@router.post(
+    "/models/{model}/predict",
+    summary="Classify images",
+    responses=_UPLOAD_ERRORS,
+    openapi_extra=_request_body(PredictForm, PredictJsonRequest),
+)
+async def predict(
+    request: Request, runtime: RuntimeDep, model: ModelDep, upload: PredictUpload
+) -> PredictResponse:
+    """The top_k classes of each image, batched with other callers' images."""
+    images, decode_s = await _decode(request, runtime, upload.blobs)
+    jobs = [PredictJob(image=image) for image in images]
+    outcomes = await until_disconnected(request, runtime.predict(model.name, jobs))
+    return answers.predict_response(model, images, outcomes, upload.params.top_k, decode_s)
+
+
+@router.post(
+    "/models/{model}/explain",
+    summary="Explain the model's decision on images (Grad-CAM and family)",
+    responses=_UPLOAD_ERRORS,
+    openapi_extra=_request_body(ExplainForm, ExplainJsonRequest),
+)
+async def explain(
+    request: Request, runtime: RuntimeDep, model: ModelDep, upload: ExplainUpload
+) -> ExplainResponse:
+    """One map per (target, layer) for each image: on the feature grid, optionally upsampled,
+    and as an overlay on the uploaded image."""
+    params = upload.params
+    plan = plan_explain(model, params)
+    images, decode_s = await _decode(request, runtime, upload.blobs)
+    jobs = [
+        ExplainJob(
+            image=image,
+            layers=plan.layers,
+            targets=plan.targets,
+            top_k=params.top_k,
+            method=params.method,
+            post=plan.post,
+            outputs=plan.outputs,
+        )
+        for image in images
+    ]
+    outcomes = await until_disconnected(request, runtime.explain(model.name, jobs))
+    return answers.explain_response(model, images, outcomes, params, decode_s)

@@ -14,6 +14,7 @@ from importlib import metadata
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from pydantic.json_schema import models_json_schema
 
 from service.api.examples import add_schema_extras
@@ -50,6 +51,11 @@ def _version() -> str:
         return metadata.version("gradcam-service")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
         return "0.0.0"
+
+
+def _operation_id(route: APIRoute) -> str:
+    """Clean operation ids for generated clients: the handler's name (``explain``)."""
+    return route.name
 
 
 def _drop_default_validation_responses(schema: dict[str, Any]) -> None:
@@ -120,6 +126,7 @@ def create_app(
         description=DESCRIPTION,
         openapi_tags=TAGS,
         lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
     )
     app.state.settings = settings
     app.state.metrics = metrics

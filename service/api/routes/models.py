@@ -43,24 +43,25 @@ from service.runtime.runtime import Runtime
 
 @dataclass(frozen=True)
 class ExplainPlan:
-    layers: tuple[str, ...]
+    layers: tuple[str, ...]  # empty: the model's default layer
     targets: tuple[int, ...] | None
     post: PostProcess
     outputs: OutputOptions
 
 
 def plan_explain(model: LoadedModel, params: ExplainParams) -> ExplainPlan:
-    """Resolve layers and targets against the model, so that bad names fail before queueing."""
+    """Resolve layers and targets against the model, so that bad names fail before queueing.
+
+    No layer named: no layer in the plan, and the engine explains the model's default layer.
+    """
     if params.layer and params.layer_index is not None:
         raise InvalidParameterError(
             "Give 'layer' or 'layer_index', not both.", code="conflicting_parameters"
         )
     if params.layer_index is not None:
         layers: tuple[str, ...] = (model.layer(index=params.layer_index).name,)
-    elif params.layer:
-        layers = tuple(dict.fromkeys(model.layer(name).name for name in params.layer))
     else:
-        layers = (model.default_layer,)
+        layers = tuple(dict.fromkeys(model.layer(name).name for name in params.layer))
     targets = tuple(dict.fromkeys(model.target(value) for value in params.target)) or None
     post = (
         PostProcess(mode="threshold", threshold=params.threshold)

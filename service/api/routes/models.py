@@ -34,6 +34,9 @@ from service.engine.spec import ModelSpec
 from service.errors import (
     InvalidParameterError,
     ModelNotReadyError,
+    ServiceError,
+    UnknownLayerError,
+    UnknownTargetError,
 )
 from service.runtime.jobs import ExplainJob, OutputOptions, PredictJob
 from service.runtime.runtime import Runtime
@@ -49,6 +52,24 @@ class ExplainPlan:
     outputs: OutputOptions
 
 
+def _with_hint(error: UnknownLayerError | UnknownTargetError, model: str) -> ServiceError:
+    """The engine's error, plus the endpoint that lists the accepted values (the engine names
+    no HTTP paths). An ambiguous label already says what to do: it is returned as is."""
+    if isinstance(error, UnknownLayerError):
+        hint = f"GET /v1/models/{model}/layers lists them all."
+    elif error.code == UnknownTargetError.code:
+        hint = f"Use a class index or a label from GET /v1/models/{model}."
+    else:
+        return error
+    return type(error)(
+        f"{error.detail} {hint}",
+        code=error.code,
+        image_index=error.image_index,
+        allowed=error.allowed,
+        retry_after_s=error.retry_after_s,
+    )
+
+
 def plan_explain(model: LoadedModel, params: ExplainParams) -> ExplainPlan:
     """Resolve layers and targets against the model, so that bad names fail before queueing.
 
@@ -58,11 +79,14 @@ def plan_explain(model: LoadedModel, params: ExplainParams) -> ExplainPlan:
         raise InvalidParameterError(
             "Give 'layer' or 'layer_index', not both.", code="conflicting_parameters"
         )
-    if params.layer_index is not None:
-        layers: tuple[str, ...] = (model.layer(index=params.layer_index).name,)
-    else:
-        layers = tuple(dict.fromkeys(model.layer(name).name for name in params.layer))
-    targets = tuple(dict.fromkeys(model.target(value) for value in params.target)) or None
+    try:
+        if params.layer_index is not None:
+            layers: tuple[str, ...] = (model.layer(index=params.layer_index).name,)
+        else:
+            layers = tuple(dict.fromkeys(model.layer(name).name for name in params.layer))
+        targets = tuple(dict.fromkeys(model.target(value) for value in params.target)) or None
+    except (UnknownLayerError, UnknownTargetError) as exc:
+        raise _with_hint(exc, model.name) from None
     post = (
         PostProcess(mode="threshold", threshold=params.threshold)
         if params.threshold is not None

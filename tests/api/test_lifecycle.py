@@ -17,7 +17,7 @@ from service.api.app import create_app
 from service.config import Settings
 from service.engine.spec import ModelSpec
 from service.errors import ModelLoadError
-from service.runtime import runtime as runtime_module
+from service.runtime import loading as loading_module
 
 ImageFactory = Callable[..., bytes]
 
@@ -34,13 +34,13 @@ def test_not_ready_while_loading_then_ready(
     png: bytes,
 ) -> None:
     release = threading.Event()
-    real_load = runtime_module.load_model
+    real_load = loading_module.load_model
 
     def slow_load(*args: Any, **kwargs: Any) -> Any:
         release.wait(timeout=60)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(runtime_module, "load_model", slow_load)
+    monkeypatch.setattr(loading_module, "load_model", slow_load)
     app = create_app(settings_factory(models=[tiny_spec]))
     with TestClient(app) as client:
         try:
@@ -78,7 +78,7 @@ def test_failed_model_is_reported_by_readyz(
     def broken(*_: Any, **__: Any) -> Any:
         raise ModelLoadError("Weights from tiny.safetensors do not fit the architecture.")
 
-    monkeypatch.setattr(runtime_module, "load_model", broken)
+    monkeypatch.setattr(loading_module, "load_model", broken)
     with TestClient(create_app(settings_factory(models=[tiny_spec]))) as client:
         for _ in range(200):
             body = client.get("/readyz").json()

@@ -9,10 +9,10 @@ went wrong and what to do, and never contain stack traces or internal paths.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from enum import Enum
+from enum import StrEnum
 
 
-class ErrorCategory(str, Enum):
+class ErrorCategory(StrEnum):
     """What kind of failure an error is; the HTTP layer maps each to one status."""
 
     INVALID_IMAGE = "invalid_image"

@@ -32,6 +32,8 @@ class ServiceError(Exception):
     category: ErrorCategory = ErrorCategory.INTERNAL
     code: str = "internal_error"
     title: str = "Internal error"
+    #: Seconds a caller should wait before retrying, when the raiser gives none.
+    default_retry_after_s: float | None = None
 
     def __init__(
         self,
@@ -48,7 +50,9 @@ class ServiceError(Exception):
             self.code = code
         self.image_index = image_index
         self.allowed = list(allowed) if allowed is not None else None
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = (
+            retry_after_s if retry_after_s is not None else (self.default_retry_after_s)
+        )
 
     def for_image(self, index: int) -> ServiceError:
         """Return this error tagged with the position of the image it concerns."""
@@ -108,6 +112,7 @@ class ModelNotReadyError(ServiceError):
     category = ErrorCategory.NOT_READY
     code = "model_not_ready"
     title = "The model is not ready"
+    default_retry_after_s = 5.0
 
 
 class ModelLoadError(ServiceError):
@@ -144,6 +149,7 @@ class ServiceNotReadyError(ServiceError):
     category = ErrorCategory.NOT_READY
     code = "not_ready"
     title = "The service is not ready"
+    default_retry_after_s = 5.0
 
 
 class UnsupportedContentTypeError(ServiceError):

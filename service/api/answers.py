@@ -48,8 +48,6 @@ from service.runtime.loading import ModelStatus
 
 #: Predictions listed with each explained image (at least; more when ``top_k`` asks for more).
 EXPLAIN_PREDICTIONS = 5
-#: Seconds a client should wait before asking /readyz again.
-READY_RETRY_AFTER_S = 5.0
 
 # ============================================================================ models
 
@@ -277,5 +275,5 @@ def not_ready_problem(
         if waiting
         else "The service is starting or stopping."
     )
-    error = ServiceNotReadyError(detail, retry_after_s=READY_RETRY_AFTER_S)
+    error = ServiceNotReadyError(detail)
     return NotReadyProblem(**dict(service_problem(error, instance)), models=dict(models))

@@ -27,8 +27,7 @@ def get_runtime(request: Request) -> Runtime:
     runtime = getattr(request.app.state, "runtime", None)
     if not isinstance(runtime, Runtime):
         raise ModelNotReadyError(
-            "The service is not running (starting or stopping); retry shortly.",
-            retry_after_s=5.0,
+            "The service is not running (starting or stopping); retry shortly."
         )
     return runtime
 

@@ -243,7 +243,7 @@ PROBLEM_EXAMPLES: dict[int, tuple[str, dict[str, Any]]] = {
     503: (
         "The model is still loading, failed to load, or the service is shutting down",
         _problem(
-            ModelNotReadyError("Model 'resnet50' is not ready (loading).", retry_after_s=5.0),
+            ModelNotReadyError("Model 'resnet50' is not ready (loading)."),
             _PREDICT,
         ),
     ),

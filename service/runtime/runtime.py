@@ -143,13 +143,11 @@ class Runtime:
                 allowed=[spec.name for spec in self._specs],
             )
         if self._closing:
-            raise ModelNotReadyError(
-                f"Model '{name}' is not ready (the service is shutting down).", retry_after_s=5.0
-            )
+            raise ModelNotReadyError(f"Model '{name}' is not ready (the service is shutting down).")
         served = self._served.get(name)
         if status.state != "ready" or served is None:
             reason = status.error if status.state == "failed" else status.state
-            raise ModelNotReadyError(f"Model '{name}' is not ready ({reason}).", retry_after_s=5.0)
+            raise ModelNotReadyError(f"Model '{name}' is not ready ({reason}).")
         return served
 
     # ----------------------------------------------------------------- CPU pool
@@ -188,7 +186,7 @@ class Runtime:
     async def _deadline(self, model: str, work: Coroutine[object, object, T]) -> T:
         if self._closing:
             work.close()
-            raise ModelNotReadyError("The service is shutting down.", retry_after_s=5.0)
+            raise ModelNotReadyError("The service is shutting down.")
         self._in_flight += 1
         self._idle.clear()
         try:

@@ -1,0 +1,80 @@
+"""The package's layers, read from the source: engine -> runtime -> api, and no import cycles.
+
+Imports are read statically (every ``import`` statement, function-level ones included), so a
+lazy import cannot hide a cycle or a layer breach.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "service"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports: ``from a.b import c`` counts as ``a.b.c`` when that is a
+    module of ours, else as ``a.b``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                found.add(candidate if candidate in MODULES else node.module)
+    return found
+
+
+GRAPH = {name: {m for m in _imports(path) if m in MODULES} for name, path in MODULES.items()}
+
+
+def _layer(prefix: str) -> list[str]:
+    return [name for name in MODULES if name == prefix or name.startswith(prefix + ".")]
+
+
+@pytest.mark.parametrize("module", _layer("service.engine"))
+def test_engine_modules_import_no_runtime_api_or_web_framework(module: str) -> None:
+    imported = _imports(MODULES[module])
+    forbidden = ("service.runtime", "service.api", "service.config", "fastapi", "starlette")
+    assert not sorted(m for m in imported if m.startswith(forbidden))
+
+
+@pytest.mark.parametrize("module", _layer("service.runtime"))
+def test_runtime_modules_import_no_api_or_web_framework(module: str) -> None:
+    imported = _imports(MODULES[module])
+    forbidden = ("service.api", "service.config", "fastapi", "starlette")
+    assert not sorted(m for m in imported if m.startswith(forbidden))
+
+
+def test_no_import_cycle_between_service_modules() -> None:
+    cycles: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        for dependency in sorted(GRAPH[module]):
+            if dependency in path:
+                cycles.append([*path[path.index(dependency) :], dependency])
+            elif dependency not in done:
+                visit(dependency, [*path, dependency])
+        done.add(module)
+
+    for module in MODULES:
+        visit(module, [module])
+    assert not cycles
+
+
+def test_the_graph_is_read_from_real_imports() -> None:
+    """Guards the checks above against reading nothing."""
+    assert "service.engine.models" in GRAPH["service.engine.explain"]
+    assert "service.runtime.batching" in GRAPH["service.runtime.workers"]

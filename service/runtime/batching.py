@@ -1,11 +1,14 @@
 """Cross-request batching, knowing nothing about models.
 
-A :class:`Batcher` is a bounded queue of items, each with the future its caller awaits. Worker
-loops (:meth:`Batcher.run`, one per replica, each with its own handler) take a batch when it is
-full or its wait budget is spent, split it into groups of items that may share one call (by
-``group_key``), call the handler once per group, and hand every caller its own result, or the
-exception that failed its group. Callers that gave up (cancelled futures) are dropped before
-their items cost anything. The shape follows Ray Serve's ``serve/batching.py``.
+A :class:`Batcher` is a bounded queue of items, each with the future its caller awaits. Items
+wait in lanes, one per caller (an API key, a client address): a lane holds at most
+``max_queued_per_lane`` items and batches are filled round-robin across lanes, so one heavy
+caller cannot starve the others. Worker loops (:meth:`Batcher.run`, one per replica, each with
+its own handler) take a batch when it is full or its wait budget is spent, split it into groups
+of items that may share one call (by ``group_key``), call the handler once per group, and hand
+every caller its own result, or the exception that failed its group. A caller that gives up
+(cancels) has its queued items dropped at once. The shape follows Ray Serve's
+``serve/batching.py``.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from functools import partial
+from typing import Generic, Literal, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -25,10 +30,14 @@ _EWMA_WEIGHT = 0.2
 
 
 class QueueFullError(Exception):
-    """The items would take the queue past its bound; none of them were queued."""
+    """The items would take the queue (``scope="queue"``) or their caller's lane
+    (``scope="lane"``) past its bound; none of them were queued."""
 
-    def __init__(self, depth: int, limit: int, retry_after_s: float) -> None:
-        super().__init__(f"{depth} items queued (limit {limit})")
+    def __init__(
+        self, scope: Literal["queue", "lane"], depth: int, limit: int, retry_after_s: float
+    ) -> None:
+        super().__init__(f"{depth} items queued in the {scope} (limit {limit})")
+        self.scope = scope
         self.depth = depth
         self.limit = limit
         self.retry_after_s = retry_after_s
@@ -47,8 +56,10 @@ class Batched(Generic[R]):
 @dataclass(eq=False)
 class _Entry(Generic[T, R]):
     item: T
+    lane: Hashable
     future: asyncio.Future[Batched[R]]
     enqueued: float = field(default_factory=time.perf_counter)
+    queued: bool = True  # still in its lane (not taken by a worker, not dropped)
 
 
 Handler = Callable[[list[T]], Awaitable[Sequence[R]]]
@@ -56,7 +67,7 @@ GroupObserver = Callable[[Hashable, int, float], None]
 
 
 class Batcher(Generic[T, R]):
-    """A bounded queue of items with futures, drained in batches by worker loops.
+    """A bounded queue of items with futures, in per-caller lanes, drained in batches.
 
     ``max_batch_wait_s`` is only spent while :attr:`arriving` says more items are on their way
     (a caller between admission and :meth:`put`, e.g. preprocessing); a lone item goes at once.
@@ -69,18 +80,25 @@ class Batcher(Generic[T, R]):
         max_batch_size: int,
         max_batch_wait_s: float,
         max_queue_size: int,
+        max_queued_per_lane: int | None = None,
         group_key: Callable[[T], Hashable] = lambda item: None,
         on_group: GroupObserver | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_batch_wait_s < 0:
             raise ValueError("batch size and queue size must be >= 1, the wait budget >= 0")
+        if max_queued_per_lane is not None and max_queued_per_lane < 1:
+            raise ValueError("a lane must hold at least one item")
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_s
         self.max_queue_size = max_queue_size
+        self.max_queued_per_lane = max_queued_per_lane or max_queue_size
         self._group_key = group_key
         self._on_group = on_group
-        self._queue: asyncio.Queue[_Entry[T, R] | None] = asyncio.Queue()
-        self._depth = 0  # live items waiting; the asyncio queue is unbounded, we bound it here
+        # Lanes with queued items, in round-robin order: a lane served moves to the back.
+        self._lanes: OrderedDict[Hashable, deque[_Entry[T, R]]] = OrderedDict()
+        self._depth = 0  # items queued, over all lanes
+        self._wakeup = asyncio.Event()  # set when items are queued or the batcher closes
+        self._closed = False
         self._loops = 0
         self.arriving = 0  # callers about to put items (they make a batch worth waiting for)
         self.batch_seconds = 0.0  # decaying average of handler-call durations
@@ -90,43 +108,59 @@ class Batcher(Generic[T, R]):
         """Items queued and not yet taken by a worker."""
         return self._depth
 
+    def lane_depth(self, lane: Hashable) -> int:
+        """Items of ``lane`` queued and not yet taken by a worker."""
+        queued = self._lanes.get(lane)
+        return len(queued) if queued is not None else 0
+
     def retry_after_s(self, extra: int = 0) -> float:
         """Whole seconds until the queue, plus ``extra`` items, should have drained (>= 1)."""
         batches = math.ceil((self._depth + extra) / self.max_batch_size)
         return max(1.0, math.ceil(batches * self.batch_seconds / max(1, self._loops)))
 
-    async def submit(self, items: Sequence[T]) -> list[Batched[R]]:
-        """Queue ``items`` together, or refuse them all (:class:`QueueFullError`); await their
-        results in order. Cancelling the caller drops the items still queued."""
-        futures = self.put(items)
+    async def submit(self, items: Sequence[T], lane: Hashable = None) -> list[Batched[R]]:
+        """Queue ``items`` together in ``lane``, or refuse them all (:class:`QueueFullError`);
+        await their results in order. Cancelling the caller drops the items still queued."""
+        futures = self.put(items, lane)
         try:
             return list(await asyncio.gather(*futures))
         finally:
             for future in futures:
                 future.cancel()  # no-op when done; drops still-queued items otherwise
 
-    def put(self, items: Sequence[T]) -> list[asyncio.Future[Batched[R]]]:
-        """Queue ``items`` together, or none of them; one future per item."""
+    def put(self, items: Sequence[T], lane: Hashable = None) -> list[asyncio.Future[Batched[R]]]:
+        """Queue ``items`` together in ``lane``, or none of them; one future per item."""
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
         if self._depth + len(items) > self.max_queue_size:
-            raise QueueFullError(self._depth, self.max_queue_size, self.retry_after_s(len(items)))
+            raise QueueFullError(
+                "queue", self._depth, self.max_queue_size, self.retry_after_s(len(items))
+            )
+        held = self.lane_depth(lane)
+        if held + len(items) > self.max_queued_per_lane:
+            raise QueueFullError(
+                "lane", held, self.max_queued_per_lane, self.retry_after_s(len(items))
+            )
         loop = asyncio.get_running_loop()
-        entries = [_Entry[T, R](item, loop.create_future()) for item in items]
+        queued = self._lanes.setdefault(lane, deque())
+        entries = [_Entry[T, R](item, lane, loop.create_future()) for item in items]
         for entry in entries:
-            self._queue.put_nowait(entry)
+            queued.append(entry)
+            entry.future.add_done_callback(partial(self._drop, entry))
         self._depth += len(entries)
+        self._wakeup.set()
         return [entry.future for entry in entries]
 
-    def close(self, loops: int) -> None:
-        """Ask ``loops`` worker loops to stop once every item queued before now is handled."""
-        for _ in range(loops):
-            self._queue.put_nowait(None)
+    def close(self) -> None:
+        """Let every worker loop stop once the items queued now are handled; refuse new ones."""
+        self._closed = True
+        self._wakeup.set()
 
     async def run(self, handler: Handler[T, R]) -> None:
         """A worker loop: take batches and hand them to ``handler`` until :meth:`close`."""
         self._loops += 1
         try:
             while (batch := await self._next_batch()) is not None:
-                self._depth -= len(batch)
                 groups: dict[Hashable, list[_Entry[T, R]]] = {}
                 for entry in batch:
                     groups.setdefault(self._group_key(entry.item), []).append(entry)
@@ -135,45 +169,56 @@ class Batcher(Generic[T, R]):
         finally:
             self._loops -= 1
 
+    def _drop(self, entry: _Entry[T, R], _future: object = None) -> None:
+        """A queued item whose caller gave up leaves its lane before it costs anything."""
+        if not entry.queued:
+            return
+        queued = self._lanes[entry.lane]
+        queued.remove(entry)
+        self._unqueue(entry, queued)
+
+    def _unqueue(self, entry: _Entry[T, R], lane: deque[_Entry[T, R]]) -> None:
+        entry.queued = False
+        self._depth -= 1
+        if not lane:
+            del self._lanes[entry.lane]
+
+    def _take(self) -> _Entry[T, R] | None:
+        """The next live item, round-robin over lanes; None if nothing is queued."""
+        while self._lanes:
+            lane, queued = next(iter(self._lanes.items()))
+            entry = queued.popleft()
+            self._unqueue(entry, queued)
+            if queued:
+                self._lanes.move_to_end(lane)
+            if not entry.future.done():  # else its caller gave up a moment ago
+                return entry
+        return None
+
     async def _next_batch(self) -> list[_Entry[T, R]] | None:
-        """Block for one live item, then fill up to the batch size until the budget is spent."""
-        first = await self._take(block=True)
-        if first is None:
-            return None
+        """Wait for one item, then fill up to the batch size until the budget is spent;
+        None once the batcher is closed and drained."""
+        while (first := self._take()) is None:
+            if self._closed:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
         batch = [first]
         deadline = time.perf_counter() + self.max_batch_wait_s
         while len(batch) < self.max_batch_size:
-            entry = await self._take(block=False, deadline=deadline)
+            entry = self._take()
             if entry is None:
-                break
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or self.arriving == 0 or self._closed:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+                continue
             batch.append(entry)
         return batch
-
-    async def _take(self, *, block: bool, deadline: float = 0.0) -> _Entry[T, R] | None:
-        """The next live entry; None on a stop signal (handed on) or, unblocked, when the
-        queue is empty and nothing is arriving before ``deadline``."""
-        while True:
-            try:
-                entry = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                if block:
-                    entry = await self._queue.get()
-                else:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0 or self.arriving == 0:
-                        return None
-                    try:
-                        entry = await asyncio.wait_for(self._queue.get(), remaining)
-                    except TimeoutError:
-                        return None
-            if entry is None:
-                if not block:
-                    self._queue.put_nowait(None)  # stop once this batch is done
-                return None
-            if entry.future.done():  # its caller gave up: drop it before it costs compute
-                self._depth -= 1
-                continue
-            return entry
 
     async def _handle(
         self, handler: Handler[T, R], key: Hashable, group: list[_Entry[T, R]]

@@ -24,6 +24,7 @@ BatchWaitMs = Annotated[float, Field(ge=0, le=10_000)]
 QueueSize = Annotated[int, Field(ge=1)]
 TimeoutS = Annotated[float, Field(gt=0)]
 ForwardPasses = Annotated[int, Field(ge=1)]
+MapSide = Annotated[int, Field(ge=16, le=16384)]
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,10 @@ class RuntimeConfig:
     max_batch_size: BatchSize = 8  # images per worker batch
     max_batch_wait_ms: BatchWaitMs = 5.0  # how long a batch waits to fill once its first is in
     max_queue_size: QueueSize = 64  # images waiting per model; past it callers get 429
+    max_queued_per_caller: QueueSize = 32  # images one caller may have waiting per model
     request_timeout_s: TimeoutS = 60.0  # per request deadline; past it callers get 504
     autocast: AutocastMode = "none"  # mixed precision on CUDA
     scorecam_max_forward_passes: ForwardPasses = 4096
     scorecam_batch_size: BatchSize = 32
+    max_upsampled_side: MapSide = 1024  # upsampled=original maps are resampled to fit this
     image_limits: ImageLimits = field(default_factory=ImageLimits)

@@ -71,6 +71,7 @@ class RenderedMap:
 
     cam: CamMap
     upsampled: np.ndarray | None = None  # (H, W) float32 in [0, 1]
+    upsampled_scale: float | None = None  # original maps: map pixels per upload pixel
     overlay: bytes | None = None
     overlay_media_type: str | None = None
     overlay_size: tuple[int, int] | None = None  # (width, height)

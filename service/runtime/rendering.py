@@ -15,7 +15,7 @@ from service.runtime.jobs import OutputOptions, RenderedMap
 OVERLAY_MAX_SIDE = 1024
 
 
-def overlay_size(width: int, height: int, max_side: int = OVERLAY_MAX_SIDE) -> tuple[int, int]:
+def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
     """(width, height) scaled down, aspect kept, so the longer side is at most ``max_side``."""
     scale = min(1.0, max_side / max(width, height))
     return max(1, round(width * scale)), max(1, round(height * scale))
@@ -27,22 +27,27 @@ def render_maps(
     maps: list[CamMap],
     geometry: Geometry,
     options: OutputOptions,
+    max_upsampled_side: int,
 ) -> list[RenderedMap]:
-    """The renderings ``options`` ask for, for each map of one image."""
+    """The renderings ``options`` ask for, for each map of one image. ``upsampled=original``
+    maps are resampled to fit ``max_upsampled_side`` (their scale says by how much)."""
     shown: np.ndarray | None = None
     shown_geometry = geometry
     if options.overlay != "none":
-        width, height = overlay_size(image.width, image.height)
+        width, height = fit_within(image.width, image.height, OVERLAY_MAX_SIDE)
         small = image if (width, height) == image.size else image.resize((width, height))
         shown = np.asarray(small)
         shown_geometry = geometry.resized(width, height)
+    map_width, map_height = fit_within(image.width, image.height, max_upsampled_side)
+    map_geometry = geometry.resized(map_width, map_height)
     rendered: list[RenderedMap] = []
     for cam in maps:
         out = RenderedMap(cam=cam)
         if options.upsampled == "input":
             out.upsampled = cam.input_map
         elif options.upsampled == "original":
-            out.upsampled = map_to_original(cam.grid_normalized, geometry)
+            out.upsampled = map_to_original(cam.grid_normalized, map_geometry)
+            out.upsampled_scale = map_width / image.width
         if shown is not None:
             heat = map_to_original(cam.grid_normalized, shown_geometry)
             if options.overlay == "panel":

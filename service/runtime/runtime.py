@@ -175,13 +175,22 @@ class Runtime:
 
     # ----------------------------------------------------------------- requests
 
-    async def predict(self, model: str, jobs: Sequence[PredictJob]) -> list[PredictOutcome]:
-        """Classify images; batched with other callers' images."""
-        return await self._deadline(model, self._predict(model, jobs))
+    async def predict(
+        self, model: str, jobs: Sequence[PredictJob], caller: str | None = None
+    ) -> list[PredictOutcome]:
+        """Classify images; batched with other callers' images (see :meth:`explain`)."""
+        return await self._deadline(model, self._predict(model, jobs, caller))
 
-    async def explain(self, model: str, jobs: Sequence[ExplainJob]) -> list[ExplainOutcome]:
-        """Explain images; batched with other callers' images."""
-        return await self._deadline(model, self._explain(model, jobs))
+    async def explain(
+        self, model: str, jobs: Sequence[ExplainJob], caller: str | None = None
+    ) -> list[ExplainOutcome]:
+        """Explain images; batched with other callers' images.
+
+        ``caller`` names who asks (an API key's id, a client address): each caller may hold at
+        most ``max_queued_per_caller`` images in a model's queue, and batches take images from
+        the callers round-robin.
+        """
+        return await self._deadline(model, self._explain(model, jobs, caller))
 
     async def _deadline(self, model: str, work: Coroutine[object, object, T]) -> T:
         if self._closing:
@@ -203,16 +212,20 @@ class Runtime:
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _predict(self, name: str, jobs: Sequence[PredictJob]) -> list[PredictOutcome]:
+    async def _predict(
+        self, name: str, jobs: Sequence[PredictJob], caller: str | None
+    ) -> list[PredictOutcome]:
         served = self._ready(name)
         tensors, geometries, prep_s = await self._prepare(served, [j.image for j in jobs])
-        computed = await self._submit(served, [WorkItem("predict", t) for t in tensors])
+        computed = await self._submit(served, [WorkItem("predict", t) for t in tensors], caller)
         return [
             PredictOutcome(c.value.probabilities, geometry, _timings(prep_s, c))
             for c, geometry in zip(computed, geometries, strict=True)
         ]
 
-    async def _explain(self, name: str, jobs: Sequence[ExplainJob]) -> list[ExplainOutcome]:
+    async def _explain(
+        self, name: str, jobs: Sequence[ExplainJob], caller: str | None
+    ) -> list[ExplainOutcome]:
         served = self._ready(name)
         model = served.replicas[0]
         requests = [ImageRequest(job.layers, job.targets, job.top_k) for job in jobs]
@@ -228,14 +241,22 @@ class Runtime:
             WorkItem("explain", tensor, request, job.method, job.post)
             for tensor, request, job in zip(tensors, requests, jobs, strict=True)
         ]
-        computed = await self._submit(served, items)
+        computed = await self._submit(served, items, caller)
 
         async def render(
             job: ExplainJob, c: Batched[Computed], geometry: Geometry
         ) -> ExplainOutcome:
             started = time.perf_counter()
             maps = await self._on_cpu(
-                partial(render_maps, model, job.image.image, c.value.maps, geometry, job.outputs)
+                partial(
+                    render_maps,
+                    model,
+                    job.image.image,
+                    c.value.maps,
+                    geometry,
+                    job.outputs,
+                    self._config.max_upsampled_side,
+                )
             )
             timings = _timings(prep_s, c, render=time.perf_counter() - started)
             return ExplainOutcome(c.value.probabilities, geometry, maps, timings)
@@ -262,15 +283,28 @@ class Runtime:
         seconds = (time.perf_counter() - started) / max(1, len(images))
         return [t for t, _ in prepared], [g for _, g in prepared], seconds
 
-    async def _submit(self, served: ServedModel, items: list[WorkItem]) -> list[Batched[Computed]]:
+    async def _submit(
+        self, served: ServedModel, items: list[WorkItem], caller: str | None
+    ) -> list[Batched[Computed]]:
         """Queue a request's items together, or refuse them all; await their results."""
         try:
-            return await served.batcher.submit(items)
+            return await served.batcher.submit(items, caller)
         except QueueFullError as full:
-            self._metrics.rejected_total.labels(served.name, "overloaded").inc(len(items))
+            if full.scope == "lane":
+                reason, code = "caller_limit", "caller_limit"
+                detail = (
+                    f"You already have {full.depth} images queued for model '{served.name}'"
+                    f" (limit {full.limit} per caller)"
+                )
+            else:
+                reason, code = "overloaded", "overloaded"
+                detail = (
+                    f"Model '{served.name}' has {full.depth} images queued (limit {full.limit})"
+                )
+            self._metrics.rejected_total.labels(served.name, reason).inc(len(items))
             raise OverloadedError(
-                f"Model '{served.name}' has {full.depth} images queued (limit {full.limit});"
-                f" retry after {full.retry_after_s:g} s.",
+                f"{detail}; retry after {full.retry_after_s:g} s.",
+                code=code,
                 retry_after_s=full.retry_after_s,
             ) from None
 

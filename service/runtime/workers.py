@@ -97,6 +97,7 @@ class ServedModel:
             max_batch_size=config.max_batch_size,
             max_batch_wait_s=config.max_batch_wait_ms / 1000.0,
             max_queue_size=config.max_queue_size,
+            max_queued_per_lane=config.max_queued_per_caller,
             group_key=WorkItem.group_key,
             on_group=self._observe,
         )
@@ -145,7 +146,7 @@ class ServedModel:
 
     async def stop(self) -> None:
         """Let the workers finish every queued item, then release their threads."""
-        self.batcher.close(len(self._loops))
+        self.batcher.close()
         await asyncio.gather(*self._loops, return_exceptions=True)
         for executor in self._executors:
             executor.shutdown(wait=True)

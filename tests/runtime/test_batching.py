@@ -41,7 +41,7 @@ def _batcher(**overrides: Any) -> Batcher[int, int]:
 
 
 async def _stop(batcher: Batcher[int, int], loops: list[asyncio.Task[None]]) -> None:
-    batcher.close(len(loops))
+    batcher.close()
     await asyncio.wait_for(asyncio.gather(*loops), 5)
 
 
@@ -219,7 +219,7 @@ def test_close_drains_queued_items_then_stops_every_loop() -> None:
         handler = Recorder()
         futures = batcher.put([1, 2, 3, 4, 5])
         loops = [asyncio.create_task(batcher.run(handler)) for _ in range(2)]
-        batcher.close(len(loops))
+        batcher.close()
         await asyncio.wait_for(asyncio.gather(*loops), 5)
         return [f.result().value for f in futures], handler.calls
 
@@ -254,3 +254,46 @@ def test_every_handler_call_is_reported_with_its_key_size_and_duration() -> None
 def test_invalid_sizes_are_refused_at_construction() -> None:
     with pytest.raises(ValueError, match="batch size"):
         Batcher(max_batch_size=0, max_batch_wait_s=0.0, max_queue_size=1)
+
+
+def test_batches_are_filled_round_robin_across_lanes() -> None:
+    async def scenario() -> list[list[int]]:
+        batcher = _batcher(max_batch_size=4, max_queue_size=32)
+        handler = Recorder()
+        batcher.put([1, 2, 3, 4, 5, 6], lane="heavy")
+        batcher.put([100, 101], lane="light")
+        loops = [asyncio.create_task(batcher.run(handler))]
+        await asyncio.sleep(0.05)
+        await _stop(batcher, loops)
+        return handler.calls
+
+    assert _run(scenario()) == [[1, 100, 2, 101], [3, 4, 5, 6]]
+
+
+def test_a_lane_past_its_own_bound_is_refused_while_other_lanes_are_admitted() -> None:
+    async def scenario() -> tuple[QueueFullError, int]:
+        batcher = _batcher(max_queue_size=16, max_queued_per_lane=3)
+        batcher.put([1, 2], lane="a")
+        with pytest.raises(QueueFullError) as refused:
+            batcher.put([3, 4], lane="a")
+        batcher.put([5, 6, 7], lane="b")
+        return refused.value, batcher.depth
+
+    refused, depth = _run(scenario())
+    assert (refused.scope, refused.depth, refused.limit) == ("lane", 2, 3)
+    assert depth == 5
+
+
+def test_a_cancelled_callers_items_leave_the_queue_at_once() -> None:
+    async def scenario() -> tuple[int, int]:
+        batcher = _batcher(max_queued_per_lane=2)
+        caller = asyncio.create_task(batcher.submit([1, 2], lane="a"))
+        await asyncio.sleep(0)
+        held = batcher.lane_depth("a")
+        caller.cancel()
+        await asyncio.gather(caller, return_exceptions=True)
+        await asyncio.sleep(0)
+        batcher.put([3, 4], lane="a")  # its lane has room again, with no worker running
+        return held, batcher.depth
+
+    assert _run(scenario()) == (2, 2)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.images import DEFAULT_LIMITS, ImageLimits
@@ -24,6 +24,7 @@ from service.runtime.config import (
     BatchWaitMs,
     CpuWorkers,
     ForwardPasses,
+    MapSide,
     QueueSize,
     RuntimeConfig,
     TimeoutS,
@@ -165,9 +166,26 @@ class Settings(BaseSettings):
         description="Models to serve, as a JSON list of model specs.",
     )
 
+    # ---------------------------------------------------------------- access
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="API keys (JSON list): plain keys of at least 16 characters, or"
+        " 'sha256:<hex>' digests of them. With any key set, /v1/... and /metrics need one.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="File of API keys or 'sha256:<hex>' digests, one a line ('#' comments);"
+        " added to GRADCAM_API_KEYS.",
+    )
+
     # ---------------------------------------------------------------- request limits
     max_upload_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1024, description="Largest request body accepted (413)."
+    )
+    max_response_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Largest explain answer, estimated before any model work (422 past it).",
     )
     max_images_per_request: int = Field(
         default=16, ge=1, le=1024, description="Most images in one request (422)."
@@ -185,17 +203,19 @@ class Settings(BaseSettings):
     max_batch_size: BatchSize = _RUNTIME.max_batch_size
     max_batch_wait_ms: BatchWaitMs = _RUNTIME.max_batch_wait_ms
     max_queue_size: QueueSize = _RUNTIME.max_queue_size
+    max_queued_per_caller: QueueSize = _RUNTIME.max_queued_per_caller
     request_timeout_s: TimeoutS = _RUNTIME.request_timeout_s
     autocast: AutocastMode = _RUNTIME.autocast
     scorecam_max_forward_passes: ForwardPasses = _RUNTIME.scorecam_max_forward_passes
     scorecam_batch_size: BatchSize = _RUNTIME.scorecam_batch_size
+    max_upsampled_side: MapSide = _RUNTIME.max_upsampled_side
 
     @field_validator("log_level", "device", "autocast", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("models_file", mode="before")
+    @field_validator("models_file", "api_keys_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -214,10 +234,12 @@ class Settings(BaseSettings):
             max_batch_size=self.max_batch_size,
             max_batch_wait_ms=self.max_batch_wait_ms,
             max_queue_size=self.max_queue_size,
+            max_queued_per_caller=self.max_queued_per_caller,
             request_timeout_s=self.request_timeout_s,
             autocast=self.autocast,
             scorecam_max_forward_passes=self.scorecam_max_forward_passes,
             scorecam_batch_size=self.scorecam_batch_size,
+            max_upsampled_side=self.max_upsampled_side,
             image_limits=ImageLimits(
                 max_pixels=self.max_image_pixels, max_side=self.max_image_side
             ),

@@ -19,6 +19,7 @@ class ErrorCategory(StrEnum):
     UNSUPPORTED_MEDIA = "unsupported_media"
     TOO_LARGE = "too_large"
     NOT_FOUND = "not_found"
+    UNAUTHENTICATED = "unauthenticated"
     INVALID_ARGUMENT = "invalid_argument"
     NOT_READY = "not_ready"
     OVERLOADED = "overloaded"
@@ -106,6 +107,22 @@ class InvalidParameterError(ServiceError):
     category = ErrorCategory.INVALID_ARGUMENT
     code = "invalid_parameter"
     title = "Invalid parameter"
+
+
+class UnauthorizedError(ServiceError):
+    """No valid API key was presented; the message never repeats the key."""
+
+    category = ErrorCategory.UNAUTHENTICATED
+    code = "invalid_api_key"
+    title = "Authentication required"
+
+
+class ResponseTooLargeError(ServiceError):
+    """The answer a request asks for would be larger than the service sends."""
+
+    category = ErrorCategory.INVALID_ARGUMENT
+    code = "response_too_large"
+    title = "The answer would be too large"
 
 
 class ModelNotReadyError(ServiceError):

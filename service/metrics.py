@@ -26,6 +26,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.caller_requests_total = Counter(
+            "gradcam_caller_requests_total",
+            "HTTP requests by caller (the short id of an API key) and status; with API keys only.",
+            ["caller", "status"],
+            registry=self.registry,
+        )
         self.in_flight_requests = Gauge(
             "gradcam_http_requests_in_flight",
             "HTTP requests being served now.",

@@ -47,6 +47,15 @@ def get_model(model: ModelName, runtime: RuntimeDep) -> LoadedModel:
 ModelDep = Annotated[LoadedModel, Depends(get_model)]
 
 
+def get_caller(request: Request) -> str | None:
+    """Who asks: the id the auth middleware gave the request (an API key's, or the address's)."""
+    caller = getattr(request.state, "caller", None)
+    return caller if isinstance(caller, str) else None
+
+
+CallerDep = Annotated[str | None, Depends(get_caller)]
+
+
 async def read_predict(request: Request, settings: SettingsDep) -> Upload[PredictParams]:
     return await read_upload(request, settings, PredictParams, PredictJsonRequest)
 

@@ -1,10 +1,13 @@
 """Pure ASGI middleware, from the outside in:
 
+0. :class:`SecurityHeadersMiddleware`: ``nosniff``, no referrer, and ``no-store`` unless a
+   route chose its own caching (answers may hold clinical images);
 1. :class:`ObservabilityMiddleware`: in-flight gauge, request count and latency by route
    template, and one access-log line per request (``service.access``);
-2. :class:`UploadLimitMiddleware`: 413 before the body is read when Content-Length is too large,
+2. :class:`~service.api.auth.AuthMiddleware`: the caller's id; 401 without a valid API key;
+3. :class:`UploadLimitMiddleware`: 413 before the body is read when Content-Length is too large,
    and while reading when a streamed body grows past the limit;
-3. :class:`ProblemGuardMiddleware`: turns anything that escaped the handlers into a problem
+4. :class:`ProblemGuardMiddleware`: turns anything that escaped the handlers into a problem
    response (a generic 500 for the unexpected), so no traceback ever reaches a client.
 """
 
@@ -138,12 +141,49 @@ def _quoted(value: object) -> str:
     return json.dumps(text)
 
 
-class ObservabilityMiddleware:
-    """Prometheus request metrics by route template, and one access-log line per request."""
+SECURITY_HEADERS: dict[bytes, bytes] = {
+    b"x-content-type-options": b"nosniff",
+    b"referrer-policy": b"no-referrer",
+}
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+
+class SecurityHeadersMiddleware:
+    """Headers every response carries, whoever produced it (errors from middleware included)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {bytes(name).lower() for name, _ in headers}
+                headers.extend(
+                    (name, value) for name, value in SECURITY_HEADERS.items() if name not in present
+                )
+                if b"cache-control" not in present:
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+class ObservabilityMiddleware:
+    """Prometheus request metrics by route template, and one access-log line per request.
+
+    The caller (set by :class:`~service.api.auth.AuthMiddleware`) is logged by its id; it is a
+    metric label only with ``label_callers`` (API keys: a bounded set), never for addresses.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, *, label_callers: bool = False) -> None:
         self.app = app
         self.metrics = metrics
+        self.label_callers = label_callers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -174,15 +214,19 @@ class ObservabilityMiddleware:
             self.metrics.requests_total.labels(*labels).inc()
             self.metrics.request_duration_seconds.labels(*labels).observe(seconds)
             state = scope.get("state")
-            images = state.get("images") if isinstance(state, dict) else None
+            state = state if isinstance(state, dict) else {}
+            images, caller = state.get("images"), state.get("caller")
+            if self.label_callers:
+                self.metrics.caller_requests_total.labels(caller or "-", str(status)).inc()
             path = template if template != "unmatched" else str(scope.get("path", ""))[:200]
             access_logger.log(
                 logging.WARNING if status >= 500 and status not in (503, 504) else logging.INFO,
-                "method=%s path=%s status=%d duration_ms=%.1f model=%s images=%s",
+                "method=%s path=%s status=%d duration_ms=%.1f model=%s images=%s caller=%s",
                 method,
                 _quoted(path),
                 status,
                 seconds * 1000.0,
                 _quoted(model) if model is not None else "-",
                 images if images is not None else "-",
+                caller or "-",
             )

@@ -1,0 +1,202 @@
+"""API keys and caller identity.
+
+With keys configured (``GRADCAM_API_KEYS`` and/or ``GRADCAM_API_KEYS_FILE``), every ``/v1/...``
+endpoint and ``/metrics`` need one, as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``;
+the probes (``/livez``, ``/readyz``), the OpenAPI document and its viewers stay open. Keys are
+kept only as SHA-256 digests (a deployment may configure the digests themselves,
+``sha256:<hex>``) and a presented key is compared with every one of them in constant time.
+
+Every request is tagged with a caller id (``scope["state"]["caller"]``) for fairness, logs and
+metrics: a short hash of the key's digest, or of the client address when the service runs open.
+Neither a key nor an address can be read back from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.api.problems import problem_response, service_problem
+from service.config import ConfigError, Settings
+from service.errors import UnauthorizedError
+
+logger = logging.getLogger("service.api")
+
+#: A plain key shorter than this is refused at start: it could be guessed.
+MIN_KEY_LENGTH: Final = 16
+_DIGEST = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+_PROTECTED_PREFIXES: Final = ("/v1/", "/metrics")
+
+
+def is_protected(path: str) -> bool:
+    """Whether ``path`` needs an API key when keys are configured."""
+    return path.startswith(_PROTECTED_PREFIXES)
+
+
+_REALM: Final = 'Bearer realm="gradcam-service"'
+
+
+def _caller_id(kind: str, material: bytes) -> str:
+    return f"{kind}-" + hashlib.sha256(b"gradcam-caller\0" + material).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The accepted keys, as SHA-256 digests."""
+
+    digests: tuple[bytes, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KeyRing:
+        """The keys of ``GRADCAM_API_KEYS`` and ``GRADCAM_API_KEYS_FILE`` (one a line; blank
+        lines and ``#`` comments skipped). Raises :class:`ConfigError` naming the bad entry by
+        position, never by value."""
+        entries = [
+            ("GRADCAM_API_KEYS", i, key.get_secret_value())
+            for i, key in enumerate(settings.api_keys)
+        ]
+        if settings.api_keys_file is not None:
+            entries.extend(("GRADCAM_API_KEYS_FILE", i, line) for i, line in _key_lines(settings))
+        return cls(tuple(dict.fromkeys(_digest(*entry) for entry in entries)))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.digests)
+
+    def caller(self, key: str) -> str | None:
+        """The caller id of ``key``, or None if it is not one of ours (constant time)."""
+        presented = hashlib.sha256(key.encode("utf-8")).digest()
+        found: bytes | None = None
+        for digest in self.digests:
+            if hmac.compare_digest(presented, digest):
+                found = digest
+        return None if found is None else _caller_id("key", found)
+
+
+def _key_lines(settings: Settings) -> Iterable[tuple[int, str]]:
+    path = settings.api_keys_file
+    assert path is not None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"GRADCAM_API_KEYS_FILE: cannot read {path} ({exc.strerror or type(exc).__name__})."
+        ) from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            yield number, entry
+
+
+def _digest(source: str, position: int, entry: str) -> bytes:
+    where = (
+        f"{source}: entry {position}"
+        if source == "GRADCAM_API_KEYS"
+        else f"{source}: line {position}"
+    )
+    entry = entry.strip()
+    if entry.lower().startswith("sha256:"):
+        match = _DIGEST.match(entry)
+        if match is None:
+            raise ConfigError(f"{where}: a digest must be 'sha256:' and 64 hex digits.")
+        return bytes.fromhex(match.group(1))
+    if len(entry) < MIN_KEY_LENGTH or any(c.isspace() for c in entry):
+        raise ConfigError(
+            f"{where}: a key must be at least {MIN_KEY_LENGTH} characters without spaces"
+            " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')."
+        )
+    return hashlib.sha256(entry.encode("utf-8")).digest()
+
+
+def presented_key(scope: Scope) -> str | None:
+    """The key a request carries: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
+    for name, raw in scope.get("headers", ()):
+        lowered = bytes(name).lower()
+        value = bytes(raw).decode("latin-1").strip()
+        if lowered == b"authorization":
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        elif lowered == b"x-api-key" and value:
+            return value
+    return None
+
+
+def address_caller(scope: Scope) -> str:
+    """The caller id of a request's client address (the forwarded one behind a trusted proxy)."""
+    client = scope.get("client")
+    host = str(client[0]) if client else "unknown"
+    return _caller_id("addr", host.encode("utf-8"))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listen address) is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def access_summary(keys: KeyRing, host: str) -> tuple[int, str]:
+    """The start-up log line about who may use the API: (level, message)."""
+    if keys.enabled:
+        return logging.INFO, f"API keys required on /v1/... and /metrics ({len(keys.digests)} keys)"
+    if is_loopback(host):
+        return logging.INFO, "no API keys configured: the API is open to local clients"
+    return (
+        logging.WARNING,
+        f"NO API KEYS CONFIGURED while listening on {host}: anyone who can reach this port can"
+        " use every model. Set GRADCAM_API_KEYS or GRADCAM_API_KEYS_FILE.",
+    )
+
+
+class AuthMiddleware:
+    """Tag every request with its caller; refuse protected paths without a valid key (401)."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        path = str(scope.get("path", ""))
+        if not self.keys.enabled or not is_protected(path):
+            state["caller"] = address_caller(scope)
+            await self.app(scope, receive, send)
+            return
+        key = presented_key(scope)
+        caller = self.keys.caller(key) if key is not None else None
+        if caller is None:
+            error = (
+                UnauthorizedError(
+                    "This endpoint needs an API key: send 'Authorization: Bearer <key>' or"
+                    " 'X-API-Key: <key>'.",
+                    code="missing_api_key",
+                )
+                if key is None
+                else UnauthorizedError(
+                    "The API key is not valid; check it, or ask for a new one.",
+                    code="invalid_api_key",
+                )
+            )
+            challenge = _REALM if key is None else f'{_REALM}, error="invalid_token"'
+            response = problem_response(
+                service_problem(error, path), headers={"WWW-Authenticate": challenge}
+            )
+            await response(scope, receive, send)
+            return
+        state["caller"] = caller
+        await self.app(scope, receive, send)

@@ -1,0 +1,189 @@
+"""API keys: both header forms, digests, the keys file, open probes, and keys kept out of logs."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.config import ConfigError, Settings
+from service.engine.spec import ModelSpec
+
+SettingsFactory = Callable[..., Settings]
+ReadyWaiter = Callable[[TestClient], None]
+
+
+PLAIN = "plain-key-0123456789abcdef"
+HASHED = "hashed-key-fedcba9876543210"  # configured only as its digest
+FROM_FILE = "file-key-0a1b2c3d4e5f6789"
+WRONG = "wrong-key-0000000000000000"
+
+
+def _digest(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "keys.txt"
+    path.write_text(f"# rotated monthly\n\n{FROM_FILE}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def make_settings(settings_factory: SettingsFactory, tiny_spec: ModelSpec) -> SettingsFactory:
+    """Settings serving only the tiny model."""
+    return lambda **overrides: settings_factory(models=[tiny_spec], **overrides)
+
+
+@pytest.fixture(scope="module")
+def secured(
+    keys_file: Path, make_settings: SettingsFactory, until_ready: ReadyWaiter
+) -> Iterator[TestClient]:
+    settings = make_settings(api_keys=[PLAIN, _digest(HASHED)], api_keys_file=keys_file)
+    with TestClient(create_app(settings)) as client:
+        until_ready(client)
+        yield client
+
+
+def _predict(client: TestClient, png: bytes, **headers: str) -> int:
+    files = {"image": ("x.png", png, "image/png")}
+    return client.post("/v1/models/tiny/predict", files=files, headers=headers).status_code
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Authorization": f"Bearer {PLAIN}"},
+        {"authorization": f"bearer {PLAIN}"},
+        {"X-API-Key": PLAIN},
+        {"Authorization": f"Bearer {HASHED}"},
+        {"X-API-Key": FROM_FILE},
+    ],
+    ids=["bearer", "bearer-lowercase", "x-api-key", "digest", "file"],
+)
+def test_every_key_form_and_header_is_accepted(
+    secured: TestClient, png: bytes, headers: dict[str, str]
+) -> None:
+    assert _predict(secured, png, **headers) == 200
+    assert secured.get("/v1/models", headers=headers).status_code == 200
+    assert secured.get("/metrics", headers=headers).status_code == 200
+
+
+def test_a_missing_key_is_a_401_problem_with_a_bearer_challenge(secured: TestClient) -> None:
+    for path in ("/v1/models", "/v1/models/tiny/layers", "/metrics", "/v1/no/such/path"):
+        response = secured.get(path)
+        assert response.status_code == 401, path
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.headers["www-authenticate"] == 'Bearer realm="gradcam-service"'
+        assert response.json()["code"] == "missing_api_key"
+
+
+def test_a_wrong_key_is_refused_as_an_invalid_token(secured: TestClient, png: bytes) -> None:
+    for headers in ({"Authorization": f"Bearer {WRONG}"}, {"X-API-Key": WRONG}):
+        response = secured.get("/v1/models", headers=headers)
+        assert response.status_code == 401
+        assert 'error="invalid_token"' in response.headers["www-authenticate"]
+        assert response.json()["code"] == "invalid_api_key"
+        assert WRONG not in response.text
+    # A digest is not a key: sending the configured digest itself must not work.
+    assert _predict(secured, png, **{"X-API-Key": _digest(HASHED)}) == 401
+    assert _predict(secured, png, Authorization=f"Basic {PLAIN}") == 401
+
+
+def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(
+    secured: TestClient,
+) -> None:
+    response = secured.post(
+        "/v1/models/tiny/explain",
+        content=b"x" * 10_000_000,
+        headers={"Content-Type": "multipart/form-data; boundary=x"},
+    )
+    assert response.status_code == 401
+
+
+def test_probes_and_the_api_document_stay_open(secured: TestClient) -> None:
+    assert secured.get("/livez").status_code == 200
+    assert secured.get("/readyz").status_code == 200
+    assert secured.get("/openapi.json").status_code == 200
+    assert secured.get("/docs").status_code == 200
+
+
+def test_keys_never_reach_a_log_line_and_callers_are_named_by_a_short_id(
+    keys_file: Path,
+    png: bytes,
+    caplog: pytest.LogCaptureFixture,
+    make_settings: SettingsFactory,
+    until_ready: ReadyWaiter,
+) -> None:
+    settings = make_settings(api_keys=[PLAIN], api_keys_file=keys_file)
+    with caplog.at_level(logging.DEBUG), TestClient(create_app(settings)) as client:
+        until_ready(client)
+        assert _predict(client, png, Authorization=f"Bearer {PLAIN}") == 200
+        assert _predict(client, png, **{"X-API-Key": FROM_FILE}) == 200
+        assert _predict(client, png, **{"X-API-Key": WRONG}) == 401
+        metrics = client.get("/metrics", headers={"X-API-Key": PLAIN}).text
+    for secret in (PLAIN, FROM_FILE, WRONG, _digest(PLAIN)[7:]):
+        assert secret not in caplog.text
+        assert secret not in metrics
+    access = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    callers = {line.rsplit("caller=", 1)[1] for line in access if "predict status=200" in line}
+    assert len(callers) == 2, "each key is its own caller"
+    assert all(caller.startswith("key-") and len(caller) == 14 for caller in callers)
+    assert any(f'caller="{caller}"' in metrics for caller in callers)
+    assert "API keys required" in caplog.text
+
+
+def test_without_keys_the_service_is_open_and_says_so_loudly_off_loopback(
+    caplog: pytest.LogCaptureFixture, make_settings: SettingsFactory
+) -> None:
+    with (
+        caplog.at_level(logging.INFO, logger="service"),
+        TestClient(create_app(make_settings(host="0.0.0.0"))),
+    ):
+        pass
+    (record,) = [r for r in caplog.records if "API KEYS" in r.getMessage().upper()]
+    assert record.levelno == logging.WARNING
+    assert "0.0.0.0" in record.getMessage()
+    caplog.clear()
+    with (
+        caplog.at_level(logging.INFO, logger="service"),
+        TestClient(create_app(make_settings(host="127.0.0.1"))),
+    ):
+        pass
+    (record,) = [r for r in caplog.records if "API KEYS" in r.getMessage().upper()]
+    assert record.levelno == logging.INFO
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        (["short"], "GRADCAM_API_KEYS: entry 0: a key must be at least 16 characters"),
+        ([PLAIN, "sha256:abc"], "GRADCAM_API_KEYS: entry 1: a digest must be"),
+        (["has a space in the key"], "without spaces"),
+    ],
+)
+def test_weak_or_malformed_keys_stop_the_service_without_echoing_them(
+    keys: list[str], message: str, make_settings: SettingsFactory
+) -> None:
+    with pytest.raises(ConfigError, match=message) as refused:
+        create_app(make_settings(api_keys=keys))
+    assert all(key not in str(refused.value) for key in keys)
+
+
+def test_an_unreadable_keys_file_stops_the_service(
+    tmp_path: Path, make_settings: SettingsFactory
+) -> None:
+    with pytest.raises(ConfigError, match="GRADCAM_API_KEYS_FILE: cannot read"):
+        create_app(make_settings(api_keys_file=tmp_path / "missing.txt"))
+
+
+def test_keys_stay_hidden_in_the_settings_repr() -> None:
+    settings = Settings(api_keys=[PLAIN])
+    assert PLAIN not in repr(settings)
+    assert PLAIN not in str(settings.model_dump())

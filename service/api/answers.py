@@ -207,7 +207,9 @@ def _explanation(model: LoadedModel, rendered: RenderedMap, params: ExplainParam
     upsampled = None
     if rendered.upsampled is not None and params.upsampled != "none":
         base = encode_map(rendered.upsampled, params.encoding)
-        upsampled = UpsampledMap.model_construct(**dict(base), size=params.upsampled)
+        upsampled = UpsampledMap.model_construct(
+            **dict(base), size=params.upsampled, scale=rendered.upsampled_scale
+        )
     overlay = None
     if rendered.overlay is not None and rendered.overlay_size is not None:
         overlay = Overlay(

@@ -148,6 +148,11 @@ class UpsampledMap(MapArray):
     """The [0, 1] map resized to the model input or to the uploaded image."""
 
     size: Literal["input", "original"] = Field(description="Which size the map was resized to.")
+    scale: float | None = Field(
+        default=None,
+        description="For size 'original': map pixels per pixel of the uploaded image; 1 unless"
+        " the image is larger than GRADCAM_MAX_UPSAMPLED_SIDE on its long side (aspect kept).",
+    )
 
 
 class Overlay(BaseModel):

@@ -161,6 +161,13 @@ def render_panel(
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
+def panel_size_bound(width: int, height: int) -> tuple[int, int]:
+    """An upper bound of :func:`render_panel`'s (width, height) for an image of this size:
+    three parts at display size, the colour scale, its labels, the title and the margins."""
+    part_w, part_h = _display_size(width, height)
+    return 3 * part_w + 320, part_h + 128
+
+
 def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 90) -> bytes:
     """Encode an ``HxWx3`` (or ``HxW`` greyscale) uint8 array as PNG, JPEG or WebP bytes.
 

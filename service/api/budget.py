@@ -1,0 +1,91 @@
+"""The size of an explain answer, estimated before any model work, and its limit.
+
+A request's answer grows with images x targets x layers x outputs, and a map sent as a JSON
+list costs about four times its base64 form; without a bound, one phone photo asked for with
+``upsampled=original`` and ``encoding=list`` once made a half-gigabyte answer. The estimate is
+on the high side for photographs (measured: 1.2x to 3x the real size; more for WebP, which
+compresses best) and may fall short for pure noise, whose overlays do not compress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from service.api.requests import ExplainParams
+from service.engine.images import DecodedImage
+from service.engine.models import LoadedModel
+from service.engine.render import panel_size_bound
+from service.errors import ResponseTooLargeError
+from service.runtime.rendering import OVERLAY_MAX_SIDE, fit_within
+
+#: Bytes per map value: a float32 as JSON text ("0.12345678901234567, ") or as base64.
+_LIST_VALUE_BYTES: Final = 20
+_BASE64_VALUE_BYTES: Final = 16 / 3
+#: Bytes per overlay pixel before base64, measured on photo-like images: a PNG overlay keeps
+#: about a third of its raw RGB bytes (noise keeps all), JPEG/WebP at quality 90 far less.
+_PICTURE_PIXEL_BYTES: Final = {"png": 1.5, "panel": 1.5, "jpeg": 0.35, "webp": 0.35}
+#: Targets, labels, ranges and the other members of one explanation.
+_EXPLANATION_OVERHEAD: Final = 1024
+
+
+def estimate_explain_bytes(
+    model: LoadedModel,
+    params: ExplainParams,
+    layers: Sequence[str],
+    targets: int,
+    images: Sequence[DecodedImage],
+    max_upsampled_side: int,
+) -> int:
+    """An upper estimate of the JSON answer's size in bytes."""
+    value_bytes = _BASE64_VALUE_BYTES if params.encoding == "base64" else _LIST_VALUE_BYTES
+    layer_names = model.layer_names(layers)
+    grid_values = sum(h * w for h, w in (model.layer(name).grid for name in layer_names))
+    total = 0
+    for image in images:
+        values = 2 * grid_values if params.heatmap else 0  # heatmap and raw_heatmap
+        per_layer = 0
+        if params.upsampled == "input":
+            per_layer = model.input_size[0] * model.input_size[1]
+        elif params.upsampled == "original":
+            width, height = fit_within(image.width, image.height, max_upsampled_side)
+            per_layer = width * height
+        values += per_layer * len(layer_names)
+        picture = 0.0
+        if params.overlay != "none":
+            width, height = fit_within(image.width, image.height, OVERLAY_MAX_SIDE)
+            if params.overlay == "panel":
+                width, height = panel_size_bound(width, height)
+            picture = width * height * _PICTURE_PIXEL_BYTES[params.overlay] * 4 / 3
+        per_target = values * value_bytes + picture * len(layer_names)
+        total += round(targets * (per_target + _EXPLANATION_OVERHEAD * len(layer_names)))
+    return total
+
+
+def check_explain_size(
+    model: LoadedModel,
+    params: ExplainParams,
+    layers: Sequence[str],
+    targets: int,
+    images: Sequence[DecodedImage],
+    *,
+    max_upsampled_side: int,
+    limit: int,
+) -> None:
+    """Refuse (422 ``response_too_large``) an answer estimated past ``limit`` bytes."""
+    estimate = estimate_explain_bytes(model, params, layers, targets, images, max_upsampled_side)
+    if estimate <= limit:
+        return
+    hints = []
+    if params.encoding == "list":
+        hints.append("encoding=base64 (about 4x smaller)")
+    if params.upsampled != "none":
+        hints.append("upsampled=none or input (the grid heatmap is always there)")
+    if params.overlay in ("png", "panel"):
+        hints.append("overlay=jpeg or none")
+    hints.append("fewer images, targets or layers per request")
+    raise ResponseTooLargeError(
+        f"The answer would be about {estimate / 2**20:.0f} MiB ({len(images)} images x {targets}"
+        f" targets x {len(model.layer_names(layers))} layers); the limit is"
+        f" {limit / 2**20:.0f} MiB (GRADCAM_MAX_RESPONSE_BYTES). Use " + ", ".join(hints) + "."
+    )

@@ -7,7 +7,7 @@ observability, the upload size limit, and the problem guard.
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
@@ -15,20 +15,22 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
-from pydantic.json_schema import models_json_schema
 
-from service.api.examples import add_schema_extras
+from service.api import openapi
+from service.api.auth import AuthMiddleware, KeyRing, access_summary
 from service.api.middleware import (
     ObservabilityMiddleware,
     ProblemGuardMiddleware,
+    SecurityHeadersMiddleware,
     UploadLimitMiddleware,
 )
-from service.api.problems import install_problem_handlers, use_problem_media_type
-from service.api.requests import REQUEST_SCHEMAS
+from service.api.problems import install_problem_handlers
 from service.api.routes import health, models
 from service.config import Settings, get_settings
 from service.metrics import Metrics
 from service.runtime.runtime import Runtime
+
+logger = logging.getLogger("service")
 
 DESCRIPTION = """\
 Serves timm image classifiers and explains their decisions with Grad-CAM and its family
@@ -58,40 +60,23 @@ def _operation_id(route: APIRoute) -> str:
     return route.name
 
 
-def _drop_default_validation_responses(schema: dict[str, Any]) -> None:
-    """Remove FastAPI's generic 422 (ours are problem details, documented where they occur)."""
-    default = {"$ref": "#/components/schemas/HTTPValidationError"}
-    for path_item in schema.get("paths", {}).values():
-        for operation in path_item.values():
-            responses = operation.get("responses", {})
-            content = responses.get("422", {}).get("content", {})
-            if content.get("application/json", {}).get("schema") == default:
-                del responses["422"]
-    components = schema.get("components", {}).get("schemas", {})
-    if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
-        components.pop("HTTPValidationError", None)
-        components.pop("ValidationError", None)
-
-
 class GradCamAPI(FastAPI):
-    """FastAPI with the upload bodies, the examples and the problem media type in its doc."""
+    """FastAPI whose OpenAPI document is completed by :mod:`service.api.openapi`: generic until
+    every model is loaded, then naming the models' layers and classes."""
 
     def openapi(self) -> dict[str, Any]:
-        if self.openapi_schema is not None:
-            return self.openapi_schema
-        schema = super().openapi()
-        _, definitions = models_json_schema(
-            [(model, "validation") for model in REQUEST_SCHEMAS],
-            ref_template="#/components/schemas/{model}",
-        )
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for name, definition in definitions.get("$defs", {}).items():
-            components.setdefault(name, definition)
-        add_schema_extras(components)
-        _drop_default_validation_responses(schema)
-        use_problem_media_type(schema)
-        self.openapi_schema = schema
-        return schema
+        generic = self.openapi_schema
+        if generic is None:
+            generic = openapi.complete(super().openapi(), self.state.settings, self.state.keys)
+        runtime = getattr(self.state, "runtime", None)
+        if not isinstance(runtime, Runtime) or not runtime.ready:
+            return generic
+        if self._served_document is None:
+            models = [runtime.model(spec.name) for spec in runtime.specs()]
+            self._served_document = openapi.with_models(generic, models)
+        return self._served_document
+
+    _served_document: dict[str, Any] | None = None
 
 
 def create_app(
@@ -107,10 +92,12 @@ def create_app(
     """
     settings = settings or get_settings()
     specs = settings.model_specs() if runtime is None else []  # config errors surface now
+    keys = KeyRing.from_settings(settings)
     metrics = metrics or Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logger.log(*access_summary(keys, settings.host))
         served = runtime or Runtime(specs, settings.runtime_config(), metrics)
         app.state.runtime = served
         await served.start()
@@ -129,6 +116,7 @@ def create_app(
         generate_unique_id_function=_operation_id,
     )
     app.state.settings = settings
+    app.state.keys = keys
     app.state.metrics = metrics
     app.state.runtime = None
     app.dependency_overrides[get_settings] = lambda: settings
@@ -138,5 +126,7 @@ def create_app(
     # Added innermost first: the last one added wraps all the others.
     app.add_middleware(ProblemGuardMiddleware)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+    app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics, label_callers=keys.enabled)
+    app.add_middleware(SecurityHeadersMiddleware)
     return app

@@ -21,7 +21,7 @@ from service.api.problems import (
     service_problem,
     validation_problem,
 )
-from service.api.requests import ExplainJsonRequest, PredictJsonRequest
+from service.api.requests import EXAMPLE_PNG_BASE64, ExplainJsonRequest, PredictJsonRequest
 from service.api.responses import (
     ExplainResponse,
     LayerList,
@@ -38,6 +38,7 @@ from service.errors import (
     ModelNotReadyError,
     OverloadedError,
     ServiceError,
+    UnauthorizedError,
     UnknownLayerError,
     UnknownModelError,
     UnsupportedImageFormatError,
@@ -148,11 +149,11 @@ _UNKNOWN_LAYER = UnknownLayerError(
 
 #: Members added to each body's schema in the OpenAPI document.
 SCHEMA_EXTRAS: dict[type[BaseModel], dict[str, Any]] = {
-    PredictJsonRequest: {"examples": [{"images": [{"data": "iVBORw0KGgo..."}], "top_k": 3}]},
+    PredictJsonRequest: {"examples": [{"images": [{"data": EXAMPLE_PNG_BASE64}], "top_k": 3}]},
     ExplainJsonRequest: {
         "examples": [
             {
-                "images": [{"data": "iVBORw0KGgo..."}],
+                "images": [{"data": EXAMPLE_PNG_BASE64}],
                 "layer": ["layer4"],
                 "target": ["tabby"],
                 "method": "gradcam",
@@ -187,6 +188,17 @@ PROBLEM_EXAMPLES: dict[int, tuple[str, dict[str, Any]]] = {
                 "The uploaded data is not an image in any recognised format; send the bytes of a"
                 f" {_FORMATS} file.",
                 image_index=1,
+            ),
+            _EXPLAIN,
+        ),
+    ),
+    401: (
+        "An API key is needed (the deployment configures keys) and none, or a wrong one, was sent",
+        _problem(
+            UnauthorizedError(
+                "This endpoint needs an API key: send 'Authorization: Bearer <key>' or"
+                " 'X-API-Key: <key>'.",
+                code="missing_api_key",
             ),
             _EXPLAIN,
         ),
@@ -270,6 +282,13 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "description": description,
             "content": {"application/json": {"example": example}},
         }
+        if status == 401:
+            entry["headers"] = {
+                "WWW-Authenticate": {
+                    "description": "The scheme to authenticate with: Bearer.",
+                    "schema": {"type": "string"},
+                }
+            }
         if status in RETRYABLE:
             entry["headers"] = {
                 "Retry-After": {

@@ -34,6 +34,7 @@ STATUS_BY_CATEGORY: dict[ErrorCategory, int] = {
     ErrorCategory.UNSUPPORTED_MEDIA: 415,
     ErrorCategory.TOO_LARGE: 413,
     ErrorCategory.NOT_FOUND: 404,
+    ErrorCategory.UNAUTHENTICATED: 401,
     ErrorCategory.INVALID_ARGUMENT: 422,
     ErrorCategory.NOT_READY: 503,
     ErrorCategory.OVERLOADED: 429,

@@ -8,8 +8,16 @@ same parameters (:class:`PredictParams`, :class:`ExplainParams`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 from service.api.responses import Encoding
 from service.engine.images import ACCEPTED_FORMATS
@@ -22,6 +30,12 @@ MAX_LAYERS = 8
 MAX_TARGETS = 16
 MAX_EXPLAIN_TOP_K = 10
 
+#: An 8x8 PNG, base64-encoded: the image of the JSON request examples (a real one, so that an
+#: example sent as it is gets an answer).
+EXAMPLE_PNG_BASE64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8UaHBgA0wMeAAg1MCAB4nAXgllso1"
+    "AAAAAElFTkSuQmCC"
+)
 #: Media types an uploaded image may declare.
 IMAGE_MEDIA_TYPES = tuple(f"image/{fmt.lower()}" for fmt in ACCEPTED_FORMATS)
 
@@ -32,19 +46,50 @@ _FORMATS_DOC = ", ".join(ACCEPTED_FORMATS)
 
 
 def _one_of(value: str, allowed: Sequence[str], what: str) -> str:
-    folded = value.strip().lower()
-    if folded not in allowed:
+    if value not in allowed:
         raise ValueError(f"unknown {what} '{value}'; use one of: {', '.join(allowed)}")
-    return folded
+    return value
 
 
 def _as_list(value: object) -> object:
     """Accept a single value where a list is expected (JSON ``"layer": "layer4"``)."""
-    if value is None:
-        return []
-    if isinstance(value, (str, int)):
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return [value]
     return value
+
+
+def _one_or_many(schema: dict[str, Any]) -> None:
+    """The schema of a repeatable parameter that also takes one value: an array of items, or
+    one item (what :func:`_as_list` accepts)."""
+    array = {key: schema.pop(key) for key in ("type", "items", "maxItems") if key in schema}
+    schema["anyOf"] = [array, dict(array["items"])]
+
+
+def _integral(value: object) -> object:
+    """JSON Schema counts 2.0 as an integer: take it as one (strict JSON parsing would not)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _form_flag(value: object, info: ValidationInfo) -> object:
+    """A form field says a boolean as 'true' or 'false'; a JSON body uses a JSON boolean."""
+    if isinstance(value, str) and (info.context or {}).get(FORM_CONTEXT):
+        if value in ("true", "false"):
+            return value == "true"
+        raise ValueError("must be 'true' or 'false'")
+    return value
+
+
+#: The validation context key that says the values come from form fields (strings).
+FORM_CONTEXT = "form"
+#: A boolean parameter: 'true'/'false' in a form, true/false in JSON, nothing else.
+Flag = Annotated[bool, BeforeValidator(_form_flag)]
+#: An integer parameter: in JSON bodies an integer-valued number, never a string or a boolean.
+Integer = Annotated[int, BeforeValidator(_integral)]
+#: An index (a class's, a layer's): the bound goes before the validator, or pydantic writes it
+#: into the schema raw ("ge" instead of "minimum").
+Index = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
 
 
 class PredictParams(BaseModel):
@@ -52,7 +97,7 @@ class PredictParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int = Field(
+    top_k: Integer = Field(
         default=5,
         ge=1,
         le=1000,
@@ -65,7 +110,14 @@ class PredictParams(BaseModel):
 class ExplainParams(BaseModel):
     """Parameters of ``explain``, as multipart form fields or JSON members."""
 
-    model_config = ConfigDict(extra="forbid")
+    # 'layer' and 'layer_index' are alternatives: a request may give one of them, not both.
+    # (Said without 'not', which schemathesis's coverage phase cannot combine with binary parts.)
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [{"properties": {"layer": False}}, {"properties": {"layer_index": False}}]
+        },
+    )
 
     layer: list[str] = Field(
         default_factory=list,
@@ -73,21 +125,22 @@ class ExplainParams(BaseModel):
         description="Layer(s) to explain, by module path (repeatable: one explanation per layer)."
         " GET /v1/models/{model}/layers lists them. Default: the model's default layer.",
         examples=[["layer4"]],
+        json_schema_extra=_one_or_many,
     )
-    layer_index: int | None = Field(
+    layer_index: Index | None = Field(
         default=None,
         description="Alternative to 'layer': the original script's layer_idx, counting the"
         " model's top-level children back from the classifier (ResNet: 2 = layer4, 5 = layer1).",
-        examples=[2],
     )
-    target: list[int | str] = Field(
+    target: list[Index | str] = Field(
         default_factory=list,
         max_length=MAX_TARGETS,
         description="Class(es) to explain, by index or label (repeatable: one explanation per"
         " class). Default: the top_k predicted classes.",
         examples=[["tabby"]],
+        json_schema_extra=_one_or_many,
     )
-    top_k: int = Field(
+    top_k: Integer = Field(
         default=1,
         ge=1,
         le=MAX_EXPLAIN_TOP_K,
@@ -120,7 +173,7 @@ class ExplainParams(BaseModel):
         description="Overlay of the heatmap on the uploaded image: its encoding, 'panel' for the"
         " four-part figure (original, overlay, heatmap, colour scale; PNG), or 'none'.",
     )
-    heatmap: bool = Field(
+    heatmap: Flag = Field(
         default=True,
         description="Include the map on the layer's feature grid, normalised to [0, 1].",
     )
@@ -177,7 +230,7 @@ class ImageData(BaseModel):
     data: str = Field(
         description=f"The image file's bytes ({_FORMATS_DOC}), base64-encoded (standard or"
         " URL-safe alphabet; a 'data:image/...;base64,' prefix is accepted).",
-        examples=["iVBORw0KGgoAAAANSUhEUgAA..."],
+        examples=[EXAMPLE_PNG_BASE64],
     )
 
 

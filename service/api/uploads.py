@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from service.api.requests import JsonRequest
+from service.api.requests import FORM_CONTEXT, JsonRequest
 from service.config import Settings
 from service.errors import InvalidImageError, InvalidParameterError, UnsupportedContentTypeError
 
@@ -66,6 +66,18 @@ def _list_fields(model: type[BaseModel]) -> set[str]:
     }
 
 
+def _nullable_fields(model: type[BaseModel]) -> set[str]:
+    return {
+        name
+        for name, field in model.model_fields.items()
+        if type(None) in typing.get_args(field.annotation)
+    }
+
+
+#: How a form field says "no value" where the JSON form would say null.
+_FORM_NULLS = frozenset({"", "null"})
+
+
 async def _read_multipart(request: Request, settings: Settings, params_model: type[P]) -> Upload[P]:
     async with request.form() as form:
         files = form.getlist("image")
@@ -86,6 +98,7 @@ async def _read_multipart(request: Request, settings: Settings, params_model: ty
             else:
                 fields.setdefault(key, []).append(value)
         repeatable = _list_fields(params_model)
+        nullable = _nullable_fields(params_model)
         data: dict[str, object] = {}
         for key, values in fields.items():
             if key in repeatable:
@@ -94,6 +107,8 @@ async def _read_multipart(request: Request, settings: Settings, params_model: ty
                 errors.append(
                     {"loc": (key,), "msg": "given more than once", "type": "repeated_field"}
                 )
+            elif key in nullable and values[0].strip() in _FORM_NULLS:
+                data[key] = None
             else:
                 data[key] = values[0]
         blobs: list[bytes] = []
@@ -109,7 +124,7 @@ async def _read_multipart(request: Request, settings: Settings, params_model: ty
             else:
                 blobs.append(await item.read())
         try:
-            params = params_model.model_validate(data)
+            params = params_model.model_validate(data, context={FORM_CONTEXT: True})
         except ValidationError as exc:
             errors.extend(_pydantic_errors(exc))
         if errors:
@@ -140,7 +155,8 @@ async def _read_json(
 ) -> Upload[Any]:
     body = await request.body()
     try:
-        payload = json_model.model_validate_json(body)
+        # Strict: the schema says what JSON types each member takes (no 0 for false, "3" for 3).
+        payload = json_model.model_validate_json(body, strict=True)
     except ValidationError as exc:
         raise _invalid(_pydantic_errors(exc), "body") from None
     _check_count(len(payload.images), settings)

@@ -85,6 +85,10 @@ class LoadedModel:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def label_names(self) -> list[str]:
+        """Every name :meth:`target` accepts exactly: full labels and their first parts."""
+        return list(self._label_index)
+
     def layer_names(self, names: Sequence[str]) -> tuple[str, ...]:
         """The layers to explain: ``names``, or the model's default layer when there are none.
 

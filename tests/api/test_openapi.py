@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.api.openapi import with_models
 from service.cli import main, render_openapi
 
 COMMITTED = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
@@ -26,9 +27,58 @@ def document() -> dict[str, Any]:
 def test_committed_openapi_matches_the_app(client: TestClient) -> None:
     assert COMMITTED.is_file(), f"openapi/openapi.json is missing; run `{EXPORT}`"
     committed = json.loads(COMMITTED.read_text(encoding="utf-8"))
+    # The served document is the committed one with this deployment's image limit and the
+    # names of the loaded models' layers and classes.
+    state = client.app.state  # type: ignore[attr-defined]
+    schemas = committed["components"]["schemas"]
+    for body in ("PredictForm", "ExplainForm", "PredictJsonRequest", "ExplainJsonRequest"):
+        member = "image" if body.endswith("Form") else "images"
+        schemas[body]["properties"][member]["maxItems"] = state.settings.max_images_per_request
+    models = [state.runtime.model(spec.name) for spec in state.runtime.specs()]
     live = json.loads(json.dumps(client.app.openapi()))  # type: ignore[attr-defined]
-    assert committed == live, f"openapi/openapi.json is out of date; run `{EXPORT}`"
+    assert with_models(committed, models) == live, f"openapi.json is out of date; run `{EXPORT}`"
     assert COMMITTED.read_text(encoding="utf-8") == render_openapi(), f"run `{EXPORT}`"
+
+
+def test_served_document_names_the_models_layers_and_classes(client: TestClient) -> None:
+    live = client.get("/openapi.json").json()
+    explain = live["paths"]["/v1/models/{model}/explain"]["post"]
+    (model,) = [p for p in explain["parameters"] if p["name"] == "model"]
+    assert model["schema"]["enum"] == ["tiny", "vit"]
+    form = live["components"]["schemas"]["ExplainForm"]["properties"]
+    many, one = form["layer"]["anyOf"]  # a list of layers, or one
+    assert {"layer4", "blocks.1.norm1"} <= set(many["items"]["enum"])
+    assert one["enum"] == many["items"]["enum"]
+    assert 2 in form["layer_index"]["anyOf"][0]["enum"]
+    many, one = form["target"]["anyOf"]
+    assert one == many["items"]
+    by_type = {item["type"]: item for item in one["anyOf"]}
+    assert by_type["integer"]["maximum"] == 3  # tiny has 4 classes, vit 3
+    assert {"cat", "dog", "bird", "fish"} <= set(by_type["string"]["enum"])
+
+
+def test_the_image_count_limit_and_the_exclusive_layer_choice_are_in_the_schema(
+    document: dict[str, Any],
+) -> None:
+    schemas = document["components"]["schemas"]
+    assert schemas["ExplainForm"]["properties"]["image"]["maxItems"] == 16
+    assert schemas["PredictJsonRequest"]["properties"]["images"]["maxItems"] == 16
+    assert schemas["ExplainJsonRequest"]["anyOf"] == [
+        {"properties": {"layer": False}},
+        {"properties": {"layer_index": False}},
+    ]
+
+
+def test_protected_operations_declare_the_api_key_schemes(document: dict[str, Any]) -> None:
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["bearerAuth"]["scheme"] == "bearer"
+    assert schemes["apiKeyAuth"] == {**schemes["apiKeyAuth"], "in": "header", "name": "X-API-Key"}
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            protected = path.startswith("/v1/") or path == "/metrics"
+            assert ("security" in operation) == protected, path
+            if protected:
+                assert "401" in operation["responses"], path
 
 
 def test_export_command_writes_the_document(tmp_path: Path) -> None:

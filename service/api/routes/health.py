@@ -7,6 +7,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.answers import model_statuses, not_ready_problem
+from service.api.examples import problem_responses
 from service.api.problems import problem_response
 from service.api.responses import Liveness, NotReadyProblem, Readiness
 from service.metrics import Metrics
@@ -51,7 +52,10 @@ async def readyz(request: Request) -> Readiness | Response:
     "/metrics",
     summary="Prometheus metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        **problem_responses(401),
+    },
 )
 async def metrics(request: Request) -> Response:
     registry: Metrics = request.app.state.metrics

@@ -15,7 +15,16 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from service.api import answers
-from service.api.deps import ExplainUpload, ModelDep, ModelName, PredictUpload, RuntimeDep
+from service.api.budget import check_explain_size
+from service.api.deps import (
+    CallerDep,
+    ExplainUpload,
+    ModelDep,
+    ModelName,
+    PredictUpload,
+    RuntimeDep,
+    SettingsDep,
+)
 from service.api.disconnects import until_disconnected
 from service.api.examples import problem_responses
 from service.api.requests import (
@@ -75,7 +84,7 @@ def plan_explain(model: LoadedModel, params: ExplainParams) -> ExplainPlan:
 
     No layer named: no layer in the plan, and the engine explains the model's default layer.
     """
-    if params.layer and params.layer_index is not None:
+    if {"layer", "layer_index"} <= params.model_fields_set:
         raise InvalidParameterError(
             "Give 'layer' or 'layer_index', not both.", code="conflicting_parameters"
         )
@@ -141,7 +150,7 @@ def _request_body(form: type[BaseModel], json_body: type[BaseModel]) -> dict[str
 
 # ----------------------------------------------------------------------------- endpoints
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], responses=problem_responses(401))
 
 _UPLOAD_ERRORS = problem_responses(400, 404, 413, 415, 422, 429, 500, 503, 504)
 
@@ -179,12 +188,16 @@ async def list_layers(model: ModelDep) -> LayerList:
     openapi_extra=_request_body(PredictForm, PredictJsonRequest),
 )
 async def predict(
-    request: Request, runtime: RuntimeDep, model: ModelDep, upload: PredictUpload
+    request: Request,
+    runtime: RuntimeDep,
+    model: ModelDep,
+    upload: PredictUpload,
+    caller: CallerDep,
 ) -> PredictResponse:
     """The top_k classes of each image, batched with other callers' images."""
     images, decode_s = await _decode(request, runtime, upload.blobs)
     jobs = [PredictJob(image=image) for image in images]
-    outcomes = await until_disconnected(request, runtime.predict(model.name, jobs))
+    outcomes = await until_disconnected(request, runtime.predict(model.name, jobs, caller))
     return answers.predict_response(model, images, outcomes, upload.params.top_k, decode_s)
 
 
@@ -195,13 +208,27 @@ async def predict(
     openapi_extra=_request_body(ExplainForm, ExplainJsonRequest),
 )
 async def explain(
-    request: Request, runtime: RuntimeDep, model: ModelDep, upload: ExplainUpload
+    request: Request,
+    runtime: RuntimeDep,
+    model: ModelDep,
+    upload: ExplainUpload,
+    caller: CallerDep,
+    settings: SettingsDep,
 ) -> ExplainResponse:
     """One map per (target, layer) for each image: on the feature grid, optionally upsampled,
     and as an overlay on the uploaded image."""
     params = upload.params
     plan = plan_explain(model, params)
     images, decode_s = await _decode(request, runtime, upload.blobs)
+    check_explain_size(
+        model,
+        params,
+        plan.layers,
+        len(plan.targets) if plan.targets else min(params.top_k, model.num_classes),
+        images,
+        max_upsampled_side=settings.max_upsampled_side,
+        limit=settings.max_response_bytes,
+    )
     jobs = [
         ExplainJob(
             image=image,
@@ -214,5 +241,5 @@ async def explain(
         )
         for image in images
     ]
-    outcomes = await until_disconnected(request, runtime.explain(model.name, jobs))
+    outcomes = await until_disconnected(request, runtime.explain(model.name, jobs, caller))
     return answers.explain_response(model, images, outcomes, params, decode_s)

@@ -61,6 +61,16 @@ def validation_summary(exc: ValidationError, *, as_variables: bool = False) -> s
     return "; ".join(parts)
 
 
+def read_config_file(variable: str, path: Path) -> str:
+    """The text of the file a setting names, or a :class:`ConfigError` saying why not."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"{variable}: cannot read {path} ({exc.strerror or type(exc).__name__})."
+        ) from None
+
+
 def load_models_file(path: Path) -> list[ModelSpec]:
     """Read ``{"models": [ModelSpec, ...]}`` from a YAML or JSON file.
 
@@ -68,12 +78,7 @@ def load_models_file(path: Path) -> list[ModelSpec]:
     models file and its weights can be moved together. Raises :class:`ConfigError` with a
     sentence naming the file and the faulty entry.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            f"GRADCAM_MODELS_FILE: cannot read {path} ({exc.strerror or type(exc).__name__})."
-        ) from exc
+    text = read_config_file("GRADCAM_MODELS_FILE", path)
     try:
         data: Any = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:

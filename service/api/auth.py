@@ -25,7 +25,7 @@ from typing import Final
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.problems import problem_response, service_problem
-from service.config import ConfigError, Settings
+from service.config import ConfigError, Settings, read_config_file
 from service.errors import UnauthorizedError
 
 logger = logging.getLogger("service.api")
@@ -82,14 +82,8 @@ class KeyRing:
 
 
 def _key_lines(settings: Settings) -> Iterable[tuple[int, str]]:
-    path = settings.api_keys_file
-    assert path is not None
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            f"GRADCAM_API_KEYS_FILE: cannot read {path} ({exc.strerror or type(exc).__name__})."
-        ) from None
+    assert settings.api_keys_file is not None
+    text = read_config_file("GRADCAM_API_KEYS_FILE", settings.api_keys_file)
     for number, line in enumerate(text.splitlines(), start=1):
         entry = line.strip()
         if entry and not entry.startswith("#"):

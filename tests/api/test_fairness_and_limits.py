@@ -7,7 +7,8 @@ import base64
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -73,18 +74,30 @@ def _predict(client: TestClient, key: str, images: list[bytes]) -> Any:
     return client.post("/v1/models/tiny/predict", files=files, headers={"X-API-Key": key})
 
 
+@contextmanager
+def _flood(
+    client: TestClient, image: bytes, *, requests: int, queued: int
+) -> Iterator[list[Future[Any]]]:
+    """The heavy key's requests of 4 images each, in flight until the block ends; the block
+    starts once at least ``queued`` images wait."""
+    with ThreadPoolExecutor(requests) as pool:
+        flood = [pool.submit(_predict, client, HEAVY, [image] * 4) for _ in range(requests)]
+        deadline = time.monotonic() + 30
+        while _queued(client) < queued and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _queued(client) >= queued, "the flood never queued up"
+        yield flood
+        for future in flood:
+            future.result()
+
+
 def test_a_flood_from_one_key_delays_another_keys_request_by_at_most_one_batch(
     two_keys: TestClient, make_image: ImageFactory
 ) -> None:
     image = make_image(32, 32)
-    with ThreadPoolExecutor(6) as pool:
-        flood = [pool.submit(_predict, two_keys, HEAVY, [image] * 4) for _ in range(5)]
-        deadline = time.monotonic() + 30
-        while _queued(two_keys) < 12 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert _queued(two_keys) >= 12, "the flood never queued up"
+    with _flood(two_keys, image, requests=5, queued=12) as flood:
         light = _predict(two_keys, LIGHT, [image])
-        heavy = [future.result() for future in flood]
+    heavy = [future.result() for future in flood]
     assert light.status_code == 200, light.text
     assert all(response.status_code == 200 for response in heavy)
     waited = light.json()["results"][0]["timings"]["queue_ms"] / 1000
@@ -98,15 +111,9 @@ def test_a_caller_past_its_queue_bound_gets_429_while_others_are_served(
     two_keys: TestClient, make_image: ImageFactory
 ) -> None:
     image = make_image(32, 32)
-    with ThreadPoolExecutor(8) as pool:
-        flood = [pool.submit(_predict, two_keys, HEAVY, [image] * 4) for _ in range(7)]
-        deadline = time.monotonic() + 30
-        while _queued(two_keys) < 20 and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with _flood(two_keys, image, requests=7, queued=20):
         over = _predict(two_keys, HEAVY, [image] * 4)
         light = _predict(two_keys, LIGHT, [image] * 4)
-        for future in flood:
-            future.result()
     assert over.status_code == 429, over.text
     assert over.json()["code"] == "caller_limit"
     assert "limit 24 per caller" in over.json()["detail"]

@@ -28,6 +28,7 @@ from service.runtime.config import (
     QueueSize,
     RuntimeConfig,
     TimeoutS,
+    WaitMs,
     WorkersPerDevice,
 )
 
@@ -209,6 +210,7 @@ class Settings(BaseSettings):
     max_batch_wait_ms: BatchWaitMs = _RUNTIME.max_batch_wait_ms
     max_queue_size: QueueSize = _RUNTIME.max_queue_size
     max_queued_per_caller: QueueSize = _RUNTIME.max_queued_per_caller
+    max_queue_wait_ms: WaitMs = _RUNTIME.max_queue_wait_ms
     request_timeout_s: TimeoutS = _RUNTIME.request_timeout_s
     autocast: AutocastMode = _RUNTIME.autocast
     scorecam_max_forward_passes: ForwardPasses = _RUNTIME.scorecam_max_forward_passes
@@ -240,6 +242,7 @@ class Settings(BaseSettings):
             max_batch_wait_ms=self.max_batch_wait_ms,
             max_queue_size=self.max_queue_size,
             max_queued_per_caller=self.max_queued_per_caller,
+            max_queue_wait_ms=self.max_queue_wait_ms,
             request_timeout_s=self.request_timeout_s,
             autocast=self.autocast,
             scorecam_max_forward_passes=self.scorecam_max_forward_passes,

@@ -63,9 +63,22 @@ class Metrics:
             ["model", "error"],
             registry=self.registry,
         )
+        self.predicted_wait_seconds = Gauge(
+            "gradcam_predicted_wait_seconds",
+            "Queue wait predicted for the latest request at admission, by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.admitted_total = Counter(
+            "gradcam_admitted_total",
+            "Images admitted to a model's queue, by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.rejected_total = Counter(
             "gradcam_rejected_total",
-            "Images refused before compute, by model and reason (overloaded, deadline).",
+            "Images refused before compute, by model and reason (overloaded, queue_wait,"
+            " caller_limit, deadline).",
             ["model", "reason"],
             registry=self.registry,
         )

@@ -17,7 +17,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Generic, Literal, TypeVar
@@ -25,22 +25,29 @@ from typing import Generic, Literal, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: Weight of the newest batch in the decaying average of batch durations.
+#: Weight of the newest batch in the decaying average of the time per item.
 _EWMA_WEIGHT = 0.2
 
 
 class QueueFullError(Exception):
-    """The items would take the queue (``scope="queue"``) or their caller's lane
-    (``scope="lane"``) past its bound; none of them were queued."""
+    """The items were refused, none of them queued: they would take the queue (``"queue"``) or
+    their caller's lane (``"lane"``) past its bound, or wait longer than the wait bound
+    (``"wait"``). ``retry_after_s``: whole seconds after which they would likely be admitted."""
 
     def __init__(
-        self, scope: Literal["queue", "lane"], depth: int, limit: int, retry_after_s: float
+        self,
+        scope: Literal["queue", "lane", "wait"],
+        depth: int,
+        limit: float,
+        retry_after_s: float,
+        predicted_wait_s: float,
     ) -> None:
-        super().__init__(f"{depth} items queued in the {scope} (limit {limit})")
+        super().__init__(f"{scope}: {depth} items queued (limit {limit:g})")
         self.scope = scope
         self.depth = depth
         self.limit = limit
         self.retry_after_s = retry_after_s
+        self.predicted_wait_s = predicted_wait_s
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,11 @@ class Batcher(Generic[T, R]):
     ``max_batch_wait_s`` is only spent while :attr:`arriving` says more items are on their way
     (a caller between admission and :meth:`put`, e.g. preprocessing); a lone item goes at once.
     ``on_group(key, size, seconds)`` is told about every handler call, failed ones included.
+
+    Admission (:meth:`admit`, applied by :meth:`put`) is bounded in items (the queue, each lane)
+    and, with ``max_wait_s``, in time: items whose predicted wait (:meth:`predicted_wait_s`,
+    from the items ahead and the measured time per item) is past it are refused, so the wait an
+    admitted caller gets does not depend on how fast the machine happens to be.
     """
 
     def __init__(
@@ -81,6 +93,7 @@ class Batcher(Generic[T, R]):
         max_batch_wait_s: float,
         max_queue_size: int,
         max_queued_per_lane: int | None = None,
+        max_wait_s: float | None = None,
         group_key: Callable[[T], Hashable] = lambda item: None,
         on_group: GroupObserver | None = None,
     ) -> None:
@@ -92,6 +105,7 @@ class Batcher(Generic[T, R]):
         self.max_batch_wait_s = max_batch_wait_s
         self.max_queue_size = max_queue_size
         self.max_queued_per_lane = max_queued_per_lane or max_queue_size
+        self.max_wait_s = max_wait_s
         self._group_key = group_key
         self._on_group = on_group
         # Lanes with queued items, in round-robin order: a lane served moves to the back.
@@ -100,8 +114,9 @@ class Batcher(Generic[T, R]):
         self._wakeup = asyncio.Event()  # set when items are queued or the batcher closes
         self._closed = False
         self._loops = 0
-        self.arriving = 0  # callers about to put items (they make a batch worth waiting for)
-        self.batch_seconds = 0.0  # decaying average of handler-call durations
+        self._running = 0  # items in handler calls now
+        self.arriving = 0  # items about to be put (they make a batch worth waiting for)
+        self.item_seconds = 0.0  # decaying average of handler-call durations per item
 
     @property
     def depth(self) -> int:
@@ -113,34 +128,52 @@ class Batcher(Generic[T, R]):
         queued = self._lanes.get(lane)
         return len(queued) if queued is not None else 0
 
-    def retry_after_s(self, extra: int = 0) -> float:
-        """Whole seconds until the queue, plus ``extra`` items, should have drained (>= 1)."""
-        batches = math.ceil((self._depth + extra) / self.max_batch_size)
-        return max(1.0, math.ceil(batches * self.batch_seconds / max(1, self._loops)))
+    def predicted_wait_s(self, count: int = 1) -> float:
+        """Seconds the last of ``count`` new items would wait for a worker: the items being
+        handled, queued and arriving ahead of it, at the measured time per item, over the
+        worker loops. 0 until a first batch has been measured."""
+        ahead = self._running + self._depth + self.arriving + max(0, count - 1)
+        return ahead * self.item_seconds / max(1, self._loops)
 
-    async def submit(self, items: Sequence[T], lane: Hashable = None) -> list[Batched[R]]:
-        """Queue ``items`` together in ``lane``, or refuse them all (:class:`QueueFullError`);
-        await their results in order. Cancelling the caller drops the items still queued."""
+    def admit(self, count: int, lane: Hashable = None) -> float:
+        """Check that ``count`` items of ``lane`` may queue now; return their predicted wait.
+
+        Raises :class:`QueueFullError` past the queue's bound, the lane's, or the wait bound.
+        """
+        wait = self.predicted_wait_s(count)
+        retry = max(1.0, math.ceil(wait))
+        if self._depth + count > self.max_queue_size:
+            raise QueueFullError("queue", self._depth, self.max_queue_size, retry, wait)
+        held = self.lane_depth(lane)
+        if held + count > self.max_queued_per_lane:
+            raise QueueFullError("lane", held, self.max_queued_per_lane, retry, wait)
+        if self.max_wait_s is not None and wait > self.max_wait_s:
+            retry = max(1.0, math.ceil(wait - self.max_wait_s))
+            raise QueueFullError("wait", self._depth, self.max_wait_s, retry, wait)
+        return wait
+
+    def submit(
+        self, items: Sequence[T], lane: Hashable = None
+    ) -> Coroutine[object, object, list[Batched[R]]]:
+        """Queue ``items`` together in ``lane`` now, or refuse them all now
+        (:class:`QueueFullError`); await the returned coroutine for their results, in order.
+        Cancelling the awaiting caller drops its items still queued."""
         futures = self.put(items, lane)
-        try:
-            return list(await asyncio.gather(*futures))
-        finally:
-            for future in futures:
-                future.cancel()  # no-op when done; drops still-queued items otherwise
+
+        async def results() -> list[Batched[R]]:
+            try:
+                return list(await asyncio.gather(*futures))
+            finally:
+                for future in futures:
+                    future.cancel()  # no-op when done; drops still-queued items otherwise
+
+        return results()
 
     def put(self, items: Sequence[T], lane: Hashable = None) -> list[asyncio.Future[Batched[R]]]:
         """Queue ``items`` together in ``lane``, or none of them; one future per item."""
         if self._closed:
             raise RuntimeError("the batcher is closed")
-        if self._depth + len(items) > self.max_queue_size:
-            raise QueueFullError(
-                "queue", self._depth, self.max_queue_size, self.retry_after_s(len(items))
-            )
-        held = self.lane_depth(lane)
-        if held + len(items) > self.max_queued_per_lane:
-            raise QueueFullError(
-                "lane", held, self.max_queued_per_lane, self.retry_after_s(len(items))
-            )
+        self.admit(len(items), lane)
         loop = asyncio.get_running_loop()
         queued = self._lanes.setdefault(lane, deque())
         entries = [_Entry[T, R](item, lane, loop.create_future()) for item in items]
@@ -227,6 +260,7 @@ class Batcher(Generic[T, R]):
         if not group:
             return
         started = time.perf_counter()
+        self._running += len(group)
         try:
             results = await handler([entry.item for entry in group])
             if len(results) != len(group):
@@ -239,8 +273,11 @@ class Batcher(Generic[T, R]):
                     entry.future.set_exception(exc)
             return
         finally:
+            self._running -= len(group)
             seconds = time.perf_counter() - started
-            self.batch_seconds += _EWMA_WEIGHT * (seconds - self.batch_seconds)
+            per_item = seconds / len(group)
+            weight = _EWMA_WEIGHT if self.item_seconds else 1.0  # the first batch sets it
+            self.item_seconds += weight * (per_item - self.item_seconds)
             if self._on_group is not None:
                 self._on_group(key, len(group), seconds)
         for entry, value in zip(group, results, strict=True):

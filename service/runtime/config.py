@@ -25,6 +25,7 @@ QueueSize = Annotated[int, Field(ge=1)]
 TimeoutS = Annotated[float, Field(gt=0)]
 ForwardPasses = Annotated[int, Field(ge=1)]
 MapSide = Annotated[int, Field(ge=16, le=16384)]
+WaitMs = Annotated[float, Field(gt=0, le=600_000)]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class RuntimeConfig:
     max_batch_wait_ms: BatchWaitMs = 5.0  # how long a batch waits to fill once its first is in
     max_queue_size: QueueSize = 64  # images waiting per model; past it callers get 429
     max_queued_per_caller: QueueSize = 32  # images one caller may have waiting per model
+    max_queue_wait_ms: WaitMs = 2000.0  # admit only requests predicted to wait less than this
     request_timeout_s: TimeoutS = 60.0  # per request deadline; past it callers get 504
     autocast: AutocastMode = "none"  # mixed precision on CUDA
     scorecam_max_forward_passes: ForwardPasses = 4096

@@ -272,41 +272,65 @@ class Runtime:
     ) -> tuple[list[torch.Tensor], list[Geometry], float]:
         started = time.perf_counter()
         cfg = served.replicas[0].preprocessing
-        served.batcher.arriving += 1
+        served.batcher.arriving += len(images)
         try:
             prepared = await asyncio.gather(
                 *(self._on_cpu(partial(preprocess, image.image, cfg)) for image in images)
             )
         finally:
             # The caller queues its items right after, with no await in between.
-            served.batcher.arriving -= 1
+            served.batcher.arriving -= len(images)
         seconds = (time.perf_counter() - started) / max(1, len(images))
         return [t for t, _ in prepared], [g for _, g in prepared], seconds
+
+    def check_admission(self, model: str, images: int, caller: str | None = None) -> None:
+        """Refuse now (:class:`OverloadedError`) a request that its model's queue would refuse,
+        before any work is spent on it; :meth:`predict` and :meth:`explain` check again when
+        they queue."""
+        served = self._ready(model)
+        try:
+            wait = served.batcher.admit(images, caller)
+        except QueueFullError as full:
+            raise self._overloaded(served, full, images) from None
+        self._metrics.predicted_wait_seconds.labels(model).set(wait)
 
     async def _submit(
         self, served: ServedModel, items: list[WorkItem], caller: str | None
     ) -> list[Batched[Computed]]:
         """Queue a request's items together, or refuse them all; await their results."""
         try:
-            return await served.batcher.submit(items, caller)
+            results = served.batcher.submit(items, caller)
         except QueueFullError as full:
-            if full.scope == "lane":
-                reason, code = "caller_limit", "caller_limit"
-                detail = (
-                    f"You already have {full.depth} images queued for model '{served.name}'"
-                    f" (limit {full.limit} per caller)"
-                )
-            else:
-                reason, code = "overloaded", "overloaded"
-                detail = (
-                    f"Model '{served.name}' has {full.depth} images queued (limit {full.limit})"
-                )
-            self._metrics.rejected_total.labels(served.name, reason).inc(len(items))
-            raise OverloadedError(
-                f"{detail}; retry after {full.retry_after_s:g} s.",
-                code=code,
-                retry_after_s=full.retry_after_s,
-            ) from None
+            raise self._overloaded(served, full, len(items)) from None
+        self._metrics.admitted_total.labels(served.name).inc(len(items))
+        return await results
+
+    def _overloaded(
+        self, served: ServedModel, full: QueueFullError, images: int
+    ) -> OverloadedError:
+        """The 429 for a refused request, counted by reason."""
+        self._metrics.predicted_wait_seconds.labels(served.name).set(full.predicted_wait_s)
+        if full.scope == "lane":
+            reason = code = "caller_limit"
+            detail = (
+                f"You already have {full.depth} images queued for model '{served.name}'"
+                f" (limit {full.limit:g} per caller)"
+            )
+        elif full.scope == "wait":
+            reason, code = "queue_wait", "overloaded"
+            detail = (
+                f"Model '{served.name}' is busy: this request would wait about"
+                f" {full.predicted_wait_s:.1f} s (limit {full.limit:g} s)"
+            )
+        else:
+            reason, code = "overloaded", "overloaded"
+            detail = f"Model '{served.name}' has {full.depth} images queued (limit {full.limit:g})"
+        self._metrics.rejected_total.labels(served.name, reason).inc(images)
+        return OverloadedError(
+            f"{detail}; retry after {full.retry_after_s:g} s.",
+            code=code,
+            retry_after_s=full.retry_after_s,
+        )
 
 
 def _timings(preprocess_s: float, computed: Batched[Computed], render: float = 0.0) -> Timings:

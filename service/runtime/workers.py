@@ -98,6 +98,7 @@ class ServedModel:
             max_batch_wait_s=config.max_batch_wait_ms / 1000.0,
             max_queue_size=config.max_queue_size,
             max_queued_per_lane=config.max_queued_per_caller,
+            max_wait_s=config.max_queue_wait_ms / 1000.0,
             group_key=WorkItem.group_key,
             on_group=self._observe,
         )

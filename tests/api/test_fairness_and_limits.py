@@ -55,6 +55,7 @@ def two_keys(
         max_batch_size=4,
         max_queue_size=64,
         max_queued_per_caller=24,
+        max_queue_wait_ms=60_000,  # bounds in images here, not in time
         cpu_workers=2,
     )
     with TestClient(create_app(settings)) as client:

@@ -124,24 +124,45 @@ def test_items_past_the_queue_bound_are_all_refused_and_none_queued() -> None:
     assert depth == 2
 
 
-def test_retry_estimate_grows_with_the_queue_and_the_measured_batch_time() -> None:
-    async def scenario() -> tuple[float, float]:
+def test_predicted_wait_counts_the_items_ahead_at_the_measured_time_per_item() -> None:
+    async def scenario() -> tuple[float, float, float]:
         batcher = _batcher(max_batch_size=2, max_queue_size=100)
         handler = Recorder()
-        loops = [asyncio.create_task(batcher.run(handler))]
-        batcher.batch_seconds = 3.0
+        loops = [asyncio.create_task(batcher.run(handler)) for _ in range(2)]
+        batcher.item_seconds = 0.5
         handler.release.clear()
-        batcher.put(list(range(2)))
-        await asyncio.sleep(0.05)  # taken by the loop, held by the handler
-        batcher.put(list(range(10)))
-        short, long = batcher.retry_after_s(), batcher.retry_after_s(20)
+        batcher.put(list(range(4)))
+        await asyncio.sleep(0.05)  # two batches of 2 taken by the loops, held by the handler
+        batcher.put(list(range(6)))
+        batcher.arriving = 2
+        alone, ten = batcher.predicted_wait_s(), batcher.predicted_wait_s(10)
+        admitted_wait = batcher.admit(1)
         handler.release.set()
+        batcher.arriving = 0
         await _stop(batcher, loops)
-        return short, long
+        assert admitted_wait == alone
+        return alone, ten, batcher.item_seconds
 
-    short, long = _run(scenario())
-    assert short == 15.0  # 10 queued = 5 batches of 3 s on one loop
-    assert long == 45.0
+    alone, ten, measured = _run(scenario())
+    assert alone == pytest.approx((4 + 6 + 2) * 0.5 / 2)  # running + queued + arriving
+    assert ten == pytest.approx((4 + 6 + 2 + 9) * 0.5 / 2)
+    assert measured < 0.5, "the average follows the measured (fast) batches"
+
+
+def test_items_predicted_to_wait_past_the_bound_are_refused_with_the_time_to_retry() -> None:
+    async def scenario() -> QueueFullError:
+        batcher = _batcher(max_queue_size=100, max_wait_s=2.0)
+        batcher.item_seconds = 0.25
+        batcher.put(list(range(8)))  # 8 x 0.25 s ahead: 2 s, still admitted
+        with pytest.raises(QueueFullError) as refused:
+            batcher.put(list(range(4)))  # its last item would wait (8 + 3) x 0.25 s
+        return refused.value
+
+    refused = _run(scenario())
+    assert refused.scope == "wait"
+    assert refused.predicted_wait_s == pytest.approx(2.75)
+    assert refused.retry_after_s == 1.0
+    assert refused.limit == 2.0
 
 
 def test_a_failing_group_fails_only_its_callers() -> None:
@@ -243,12 +264,12 @@ def test_every_handler_call_is_reported_with_its_key_size_and_duration() -> None
         loops = [asyncio.create_task(batcher.run(Recorder()))]
         await asyncio.sleep(0.1)
         await _stop(batcher, loops)
-        return batcher.batch_seconds
+        return batcher.item_seconds
 
-    batch_seconds = _run(scenario())
+    item_seconds = _run(scenario())
     assert sorted((key, size) for key, size, _ in seen) == [("even", 1), ("odd", 2)]
     assert all(seconds >= 0 for *_, seconds in seen)
-    assert batch_seconds > 0
+    assert item_seconds > 0
 
 
 def test_invalid_sizes_are_refused_at_construction() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -329,3 +330,45 @@ def test_renderings_follow_the_output_options() -> None:
     assert second.overlay_size[0] > 3 * 120 // 2
     assert bare.maps[0].overlay is None
     assert bare.maps[0].upsampled is None
+
+
+def test_requests_predicted_to_wait_past_the_bound_are_refused_before_any_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = workers.run_group
+
+    def slow(replica: Any, group: list[Any], config: RuntimeConfig) -> Any:
+        time.sleep(0.3)
+        return real(replica, group, config)
+
+    monkeypatch.setattr(workers, "run_group", slow)
+    metrics = Metrics()
+
+    async def scenario() -> tuple[OverloadedError, OverloadedError, list[Any]]:
+        runtime = Runtime([TINY], RuntimeConfig(max_batch_size=1, max_queue_wait_ms=500), metrics)
+        await runtime.start()
+        assert await runtime.wait_ready(120)
+        try:
+            job = ExplainJob(image=_image(0), layers=("layer4",), outputs=NO_RENDER)
+            await runtime.explain("tiny", [job])  # measures about 0.3 s per image
+            accepted = [asyncio.create_task(runtime.explain("tiny", [job])) for _ in range(2)]
+            await asyncio.sleep(0.05)  # one running, one queued: 0.6 s ahead
+            with pytest.raises(OverloadedError) as early:
+                runtime.check_admission("tiny", 1)
+            with pytest.raises(OverloadedError) as queued:
+                await runtime.explain("tiny", [job])
+            return early.value, queued.value, await asyncio.gather(*accepted)
+        finally:
+            await runtime.stop()
+
+    early, queued, accepted = _run(scenario)
+    for refused in (early, queued):
+        assert refused.code == "overloaded"
+        assert "would wait about" in refused.detail
+        assert refused.retry_after_s is not None
+        assert refused.retry_after_s >= 1
+    assert len(accepted) == 2
+    text = metrics.render().decode()
+    assert 'gradcam_rejected_total{model="tiny",reason="queue_wait"} 2.0' in text
+    assert 'gradcam_admitted_total{model="tiny"} 3.0' in text
+    assert "gradcam_predicted_wait_seconds" in text

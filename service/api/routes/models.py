@@ -195,6 +195,7 @@ async def predict(
     caller: CallerDep,
 ) -> PredictResponse:
     """The top_k classes of each image, batched with other callers' images."""
+    runtime.check_admission(model.name, len(upload.blobs), caller)
     images, decode_s = await _decode(request, runtime, upload.blobs)
     jobs = [PredictJob(image=image) for image in images]
     outcomes = await until_disconnected(request, runtime.predict(model.name, jobs, caller))
@@ -219,6 +220,7 @@ async def explain(
     and as an overlay on the uploaded image."""
     params = upload.params
     plan = plan_explain(model, params)
+    runtime.check_admission(model.name, len(upload.blobs), caller)
     images, decode_s = await _decode(request, runtime, upload.blobs)
     check_explain_size(
         model,

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.api.responses import Encoding
-from service.engine.images import ACCEPTED_FORMATS
+from service.engine.dicom import DisplayOptions, Window
+from service.engine.explain import MAX_PROBABILITY_TARGETS
+from service.engine.images import ACCEPTED_FORMATS, UPLOAD_FORMATS
 from service.engine.methods import METHOD_NAMES, METHODS
 from service.engine.render import COLORMAPS, DEFAULT_COLORMAP
 from service.runtime.jobs import OverlayKind, UpsampledSize
@@ -21,14 +23,20 @@ from service.runtime.jobs import OverlayKind, UpsampledSize
 MAX_LAYERS = 8
 MAX_TARGETS = 16
 MAX_EXPLAIN_TOP_K = 10
+#: Bounds of a requested DICOM window (the span of 32-bit stored values) and frame number.
+MAX_WINDOW_VALUE = 2.0**32
+MAX_FRAME = 2**31 - 2
 
 #: Media types an uploaded image may declare.
-IMAGE_MEDIA_TYPES = tuple(f"image/{fmt.lower()}" for fmt in ACCEPTED_FORMATS)
+IMAGE_MEDIA_TYPES = (
+    *(f"image/{fmt.lower()}" for fmt in ACCEPTED_FORMATS),
+    "application/dicom",
+)
 
 _METHODS_DOC = "; ".join(
     f"'{name}', {METHODS[name].description.rstrip('.')}" for name in METHOD_NAMES
 )
-_FORMATS_DOC = ", ".join(ACCEPTED_FORMATS)
+_FORMATS_DOC = ", ".join(UPLOAD_FORMATS)
 
 
 def _one_of(value: str, allowed: Sequence[str], what: str) -> str:
@@ -47,10 +55,51 @@ def _as_list(value: object) -> object:
     return value
 
 
-class PredictParams(BaseModel):
-    """Parameters of ``predict``, as multipart form fields or JSON members."""
+class DisplayParams(BaseModel):
+    """How DICOM uploads are shown to the model (and in overlays); other images ignore them."""
 
     model_config = ConfigDict(extra="forbid")
+
+    window_center: float | None = Field(
+        default=None,
+        ge=-MAX_WINDOW_VALUE,
+        le=MAX_WINDOW_VALUE,
+        allow_inf_nan=False,
+        description="DICOM only: window centre, in the units after the modality LUT (CT:"
+        " Hounsfield units), instead of the file's window. Give window_width with it.",
+        examples=[40],
+    )
+    window_width: float | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_WINDOW_VALUE,
+        allow_inf_nan=False,
+        description="DICOM only: window width (at least 1), with window_center.",
+        examples=[400],
+    )
+    frame: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_FRAME,
+        description="DICOM only: the frame of a multi-frame object to explain, from 0.",
+    )
+
+    @model_validator(mode="after")
+    def _window_pair(self) -> DisplayParams:
+        if (self.window_center is None) != (self.window_width is None):
+            raise ValueError("give window_center and window_width together, or neither")
+        return self
+
+    def display(self) -> DisplayOptions:
+        """The engine's display options for DICOM uploads."""
+        window = None
+        if self.window_center is not None and self.window_width is not None:
+            window = Window(self.window_center, self.window_width)
+        return DisplayOptions(window=window, frame=self.frame)
+
+
+class PredictParams(DisplayParams):
+    """Parameters of ``predict``, as multipart form fields or JSON members."""
 
     top_k: int = Field(
         default=5,
@@ -62,10 +111,8 @@ class PredictParams(BaseModel):
     )
 
 
-class ExplainParams(BaseModel):
+class ExplainParams(DisplayParams):
     """Parameters of ``explain``, as multipart form fields or JSON members."""
-
-    model_config = ConfigDict(extra="forbid")
 
     layer: list[str] = Field(
         default_factory=list,
@@ -93,6 +140,15 @@ class ExplainParams(BaseModel):
         le=MAX_EXPLAIN_TOP_K,
         description="When no target is given, explain this many of the most probable classes.",
     )
+    min_probability: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Instead of target or top_k: explain every class whose probability reaches"
+        f" this (most probable first, at most {MAX_PROBABILITY_TARGETS}; possibly none). Meant"
+        " for multi-label (sigmoid) models.",
+        examples=[0.5],
+    )
     method: str = Field(
         default="gradcam",
         description=f"CAM method: {_METHODS_DOC}.",
@@ -117,8 +173,10 @@ class ExplainParams(BaseModel):
     )
     overlay: OverlayKind = Field(
         default="png",
-        description="Overlay of the heatmap on the uploaded image: its encoding, 'panel' for the"
-        " four-part figure (original, overlay, heatmap, colour scale; PNG), or 'none'.",
+        description="Overlay of the heatmap on the uploaded image (a DICOM one as displayed,"
+        " windowed): its encoding, 'panel' for the four-part figure (original, overlay, heatmap,"
+        " colour scale; PNG), 'dicom' for a DICOM Secondary Capture object filed under the"
+        " uploaded DICOM object's study (DICOM uploads only), or 'none'.",
     )
     heatmap: bool = Field(
         default=True,
@@ -152,8 +210,9 @@ class ExplainParams(BaseModel):
 
 
 _IMAGE_FIELD_DOC = (
-    f"The image file(s) ({_FORMATS_DOC}); repeat the field for several images, each gets its"
-    " own result, in order."
+    f"The image file(s) ({_FORMATS_DOC}; DICOM is recognised by its content, with or without"
+    " the application/dicom type); repeat the field for several images, each gets its own"
+    " result, in order."
 )
 
 
@@ -176,7 +235,8 @@ class ImageData(BaseModel):
 
     data: str = Field(
         description=f"The image file's bytes ({_FORMATS_DOC}), base64-encoded (standard or"
-        " URL-safe alphabet; a 'data:image/...;base64,' prefix is accepted).",
+        " URL-safe alphabet; a 'data:image/...;base64,' or 'data:application/dicom;base64,'"
+        " prefix is accepted).",
         examples=["iVBORw0KGgoAAAANSUhEUgAA..."],
     )
 

@@ -75,7 +75,7 @@ def test_enums_are_documented(document: dict[str, Any]) -> None:
     properties = document["components"]["schemas"]["ExplainForm"]["properties"]
     assert properties["method"]["enum"] == list(METHOD_NAMES)
     assert properties["colormap"]["enum"] == list(COLORMAPS)
-    assert properties["overlay"]["enum"] == ["none", "png", "jpeg", "webp", "panel"]
+    assert properties["overlay"]["enum"] == ["none", "png", "jpeg", "webp", "panel", "dicom"]
     assert properties["encoding"]["enum"] == ["list", "base64"]
     assert properties["upsampled"]["enum"] == ["none", "input", "original"]
     for name, prop in properties.items():

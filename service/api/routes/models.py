@@ -20,6 +20,7 @@ from service.api.disconnects import until_disconnected
 from service.api.examples import problem_responses
 from service.api.requests import (
     IMAGE_MEDIA_TYPES,
+    DisplayParams,
     ExplainForm,
     ExplainJsonRequest,
     ExplainParams,
@@ -79,6 +80,11 @@ def plan_explain(model: LoadedModel, params: ExplainParams) -> ExplainPlan:
         raise InvalidParameterError(
             "Give 'layer' or 'layer_index', not both.", code="conflicting_parameters"
         )
+    if params.min_probability is not None and (params.target or "top_k" in params.model_fields_set):
+        raise InvalidParameterError(
+            "Give one way of choosing the classes: 'target', 'top_k' or 'min_probability'.",
+            code="conflicting_parameters",
+        )
     try:
         if params.layer_index is not None:
             layers: tuple[str, ...] = (model.layer(index=params.layer_index).name,)
@@ -113,11 +119,11 @@ def _model_info(runtime: Runtime, spec: ModelSpec) -> ModelInfo:
 
 
 async def _decode(
-    request: Request, runtime: Runtime, blobs: list[bytes]
+    request: Request, runtime: Runtime, blobs: list[bytes], params: DisplayParams
 ) -> tuple[list[DecodedImage], float]:
     """The uploaded images, decoded off the event loop, and the decode time per image."""
     started = time.perf_counter()
-    images = await until_disconnected(request, runtime.decode(blobs))
+    images = await until_disconnected(request, runtime.decode(blobs, params.display()))
     return images, (time.perf_counter() - started) / len(images)
 
 
@@ -182,7 +188,7 @@ async def predict(
     request: Request, runtime: RuntimeDep, model: ModelDep, upload: PredictUpload
 ) -> PredictResponse:
     """The top_k classes of each image, batched with other callers' images."""
-    images, decode_s = await _decode(request, runtime, upload.blobs)
+    images, decode_s = await _decode(request, runtime, upload.blobs, upload.params)
     jobs = [PredictJob(image=image) for image in images]
     outcomes = await until_disconnected(request, runtime.predict(model.name, jobs))
     return answers.predict_response(model, images, outcomes, upload.params.top_k, decode_s)
@@ -201,13 +207,14 @@ async def explain(
     and as an overlay on the uploaded image."""
     params = upload.params
     plan = plan_explain(model, params)
-    images, decode_s = await _decode(request, runtime, upload.blobs)
+    images, decode_s = await _decode(request, runtime, upload.blobs, params)
     jobs = [
         ExplainJob(
             image=image,
             layers=plan.layers,
             targets=plan.targets,
             top_k=params.top_k,
+            min_probability=params.min_probability,
             method=params.method,
             post=plan.post,
             outputs=plan.outputs,

@@ -24,6 +24,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from service.engine.dicom import DicomSource
+from service.errors import InvalidImageError
 
 #: Media type of a DICOM file (RFC 3240).
 DICOM_MEDIA_TYPE = "application/dicom"
@@ -92,6 +93,23 @@ def secondary_capture(
     Capture object derived from ``source``."""
     if picture.dtype != np.uint8 or picture.ndim != 3 or picture.shape[2] != 3:
         raise ValueError(f"a Secondary Capture needs an HxWx3 uint8 picture, got {picture.shape}")
+    try:
+        return _write(picture, source, content, now)
+    except MemoryError:
+        raise
+    except Exception:
+        # pydicom's message may quote the attribute it failed on: neither it nor its traceback
+        # may travel on (from None), as a patient's data would reach the logs with it.
+        raise InvalidImageError(
+            "The uploaded DICOM object's patient and study attributes could not be written into"
+            " a Secondary Capture; ask for another overlay.",
+            code="dicom_header_unwritable",
+        ) from None
+
+
+def _write(
+    picture: np.ndarray, source: DicomSource, content: CaptureContent, now: datetime | None
+) -> bytes:
     header = source.header
     stamp = (now or datetime.now(UTC)).astimezone()
     date, time = stamp.strftime("%Y%m%d"), stamp.strftime("%H%M%S.%f")

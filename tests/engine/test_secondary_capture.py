@@ -16,6 +16,7 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from service.engine.dicom import DicomSource, DisplayOptions
 from service.engine.images import decode_image
 from service.engine.secondary_capture import CaptureContent, secondary_capture
+from service.errors import InvalidImageError
 
 DicomFactory = Callable[..., bytes]
 CONTENT = CaptureContent("chest-xray", "layer4", "gradcam", "pneumothorax", 0.8125)
@@ -154,3 +155,19 @@ def test_only_rgb_pictures_are_captured(
 ) -> None:
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         secondary_capture(np.zeros(shape, np.uint8), _source(dicom_factory), CONTENT)
+
+
+def test_a_header_that_cannot_be_written_is_refused_without_quoting_it(
+    dicom_factory: DicomFactory, patient: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*_: Any, **__: Any) -> None:
+        raise ValueError(f"With tag (0010,0010) got exception: {patient['PatientName']!r}")
+
+    source = _source(dicom_factory)
+    monkeypatch.setattr(Dataset, "save_as", fail)
+    with pytest.raises(InvalidImageError) as info:
+        secondary_capture(np.zeros((4, 4, 3), np.uint8), source, CONTENT)
+    assert info.value.code == "dicom_header_unwritable"
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__  # tracebacks do not show pydicom's message
+    assert "Zyxwut" not in info.value.detail

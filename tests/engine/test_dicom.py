@@ -187,13 +187,19 @@ def test_the_files_voi_lut_function_is_applied(dicom_factory: DicomFactory, func
     assert np.abs(shown(decode_image(data)) - pydicom_display(data)).max() <= 1
 
 
+def _lut(bits: int, values: list[int]) -> Dataset:
+    """A LUT Sequence item mapping stored values from 0 to ``values``, ``bits`` deep."""
+    lut = Dataset()
+    lut.LUTDescriptor = [len(values), 0, bits]
+    lut.add_new(0x00283006, "US", values)  # LUT Data, US rather than the ambiguous OW
+    return lut
+
+
 def test_a_voi_lut_sequence_is_applied_when_there_is_no_window(
     dicom_factory: DicomFactory,
 ) -> None:
     stored = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    lut = Dataset()
-    lut.LUTDescriptor = [256, 0, 8]
-    lut.add_new(0x00283006, "US", [min(255, 2 * i) for i in range(256)])
+    lut = _lut(8, [min(255, 2 * i) for i in range(256)])
     decoded = decode_image(dicom_factory(stored, "MONOCHROME2", 8, VOILUTSequence=[lut]))
     np.testing.assert_array_equal(shown(decoded), np.minimum(255, 2 * stored.astype(int)))
     assert decoded.dicom is not None
@@ -204,10 +210,8 @@ def test_a_modality_lut_sequence_maps_stored_values_before_the_window(
     dicom_factory: DicomFactory,
 ) -> None:
     stored = np.arange(256, dtype=np.uint16).reshape(16, 16)
-    lut = Dataset()
-    lut.LUTDescriptor = [256, 0, 16]
+    lut = _lut(16, [10 * i for i in range(256)])
     lut.ModalityLUTType = "US"
-    lut.add_new(0x00283006, "US", [10 * i for i in range(256)])
     data = dicom_factory(
         stored, "MONOCHROME2", 8, ModalityLUTSequence=[lut], WindowCenter=1000, WindowWidth=801
     )

@@ -407,16 +407,21 @@ def test_a_grey_model_takes_one_channel_with_timms_statistics_averaged() -> None
     assert model.layer().grid == (2, 2)  # layers were found with one-channel input
 
 
-def test_a_grey_model_gets_the_luminance_of_colour_images_normalised_by_its_one_value() -> None:
-    config = PreprocessConfig(
-        input_size=(8, 8),
+def _grey_config(size: int, mean: float, std: float) -> PreprocessConfig:
+    """A grey model's preprocessing that keeps every pixel (squashed to its own size)."""
+    return PreprocessConfig(
+        input_size=(size, size),
         interpolation="nearest",
         crop_pct=1.0,
         crop_mode="squash",
-        mean=(0.25,),
-        std=(0.5,),
+        mean=(mean,),
+        std=(std,),
         channels=1,
     )
+
+
+def test_a_grey_model_gets_the_luminance_of_colour_images_normalised_by_its_one_value() -> None:
+    config = _grey_config(8, mean=0.25, std=0.5)
     colour = np.zeros((8, 8, 3), dtype=np.uint8)
     colour[..., 0], colour[..., 1], colour[..., 2] = 200, 100, 50
     tensor, _ = preprocess(Image.fromarray(colour), config)
@@ -428,15 +433,7 @@ def test_a_grey_model_gets_the_luminance_of_colour_images_normalised_by_its_one_
 
 
 def test_grey_input_given_as_rgb_reaches_a_grey_model_unchanged() -> None:
-    config = PreprocessConfig(
-        input_size=(16, 16),
-        interpolation="nearest",
-        crop_pct=1.0,
-        crop_mode="squash",
-        mean=(0.0,),
-        std=(1.0,),
-        channels=1,
-    )
+    config = _grey_config(16, mean=0.0, std=1.0)
     grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
     tensor, _ = preprocess(Image.fromarray(grey).convert("RGB"), config)
     torch.testing.assert_close(tensor[0], torch.from_numpy(grey.astype(np.float32) / 255))

@@ -196,12 +196,20 @@ class DicomObject:
             )
         raw = self._decode(options.frame)
         window: AppliedWindow | None = None
-        if p.photometric in GREY_INTERPRETATIONS:
-            shown, window = _grey_display(self._ds, raw, options)
-        elif p.photometric == "PALETTE COLOR":
-            shown = _to_u8(apply_color_lut(raw, self._ds), None)
-        else:
-            shown = _to_u8(raw, p.bits_stored)
+        try:
+            if p.photometric in GREY_INTERPRETATIONS:
+                shown, window = _grey_display(self._ds, raw, options)
+            elif p.photometric == "PALETTE COLOR":
+                shown = _to_u8(apply_color_lut(raw, self._ds), None)
+            else:
+                shown = _to_u8(raw, p.bits_stored)
+        except MemoryError:
+            raise
+        except Exception as exc:  # malformed rescale, LUT or palette attributes
+            raise InvalidImageError(
+                "The DICOM object's display attributes (rescale, modality or VOI LUT, palette)"
+                " are malformed; re-export the object."
+            ) from exc
         del self._ds.PixelData  # the header alone goes on; the encoded pixels are done with
         description = DicomDescription(
             sop_class=_name(self._ds.get("SOPClassUID")),

@@ -527,6 +527,19 @@ def _refuse(*_: Any, **__: Any) -> Any:
     raise AssertionError("the dataset was read")
 
 
+@pytest.mark.parametrize("malformed", ["rescale", "voi_lut"])
+def test_malformed_display_attributes_are_an_invalid_image(
+    dicom_factory: DicomFactory, malformed: str
+) -> None:
+    if malformed == "rescale":  # a slope that is no number, written over a valid one
+        data = dicom_factory(ct_pixels(), "MONOCHROME2", 12, RescaleSlope="7.25")
+        data = data.replace(b"7.25", b"x.yz", 1)
+    else:  # a VOI LUT item without its descriptor and data
+        data = dicom_factory(ct_pixels(), "MONOCHROME2", 12, VOILUTSequence=[Dataset()])
+    with pytest.raises(InvalidImageError, match="display attributes"):
+        decode_image(data)
+
+
 def test_random_bytes_after_the_dicm_marker_are_invalid(rng: Any) -> None:
     junk = bytes(128) + b"DICM" + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
     assert is_dicom(junk)

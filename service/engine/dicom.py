@@ -67,7 +67,10 @@ _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
 _INFLATE_CHUNK = 1 << 20
+#: Start-of-frame markers of JPEG (SOF0-SOF15 but DHT, JPG, DAC) and JPEG-LS (SOF55).
 _JPEG_FAMILY_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+_J2K_START = b"\xff\x4f\xff\x51"  # SOC, then SIZ
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 
 WindowSource = Literal["request", "file", "voi_lut", "percentile", "full_range"]
 VoiFunction = Literal["LINEAR", "LINEAR_EXACT", "SIGMOID", "LUT"]
@@ -440,17 +443,24 @@ def _check_length(ds: Dataset, pixels: _Pixels, syntax: UID) -> None:
 
 
 def _codestream_size(encoded: bytes) -> tuple[int, int] | None:
-    """(width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares; None for others
-    (RLE, whose decoder works from Rows and Columns)."""
-    if encoded[:4] == b"\xff\x4f\xff\x51" and len(encoded) >= 24:  # J2K: SOC, then SIZ
+    """(width, height) a JPEG, JPEG-LS or JPEG 2000 codestream declares ((0, 0) when it has no
+    readable size); None for other data (RLE, whose decoder works from Rows and Columns)."""
+    if encoded.startswith(_JP2_SIGNATURE):  # a JP2 file where a codestream belongs
+        start = encoded.find(_J2K_START)
+        encoded = encoded[start:] if start >= 0 else b""
+        if not encoded:
+            return (0, 0)
+    if encoded.startswith(_J2K_START):  # SOC, SIZ: Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz
+        if len(encoded) < 24:
+            return (0, 0)
         xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">IIII", encoded, 8)
         return xsiz - xosiz, ysiz - yosiz
-    if encoded[:2] != b"\xff\xd8":  # JPEG: SOI, then segments up to a SOF
+    if not encoded.startswith(b"\xff\xd8"):
         return None
-    offset = 2
-    while offset + 9 <= len(encoded):
-        if encoded[offset] != 0xFF:
-            return (0, 0)  # not a marker where one must be: corrupt
+    offset = 2  # JPEG: SOI, then marker segments up to a SOF
+    while offset + 9 <= len(encoded) and encoded[offset] == 0xFF:
+        while encoded[offset + 1] == 0xFF and offset + 10 <= len(encoded):
+            offset += 1  # fill bytes before a marker
         marker = encoded[offset + 1]
         if marker in _JPEG_FAMILY_SOF:
             height, width = struct.unpack_from(">HH", encoded, offset + 5)

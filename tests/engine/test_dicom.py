@@ -22,6 +22,7 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (
     ExplicitVRBigEndian,
@@ -492,17 +493,31 @@ def test_frames_times_pixels_over_the_byte_budget_is_refused_before_decoding(
         decode_image(data, ImageLimits(max_pixels=10_000))
 
 
+def _lying_frame(j2k: bytes, width: int, height: int, *, jp2: bool = False) -> bytes:
+    """The object's frame with a SIZ that declares ``width`` x ``height`` pixels, as a bare
+    codestream or wrapped in a JP2 file (non-conformant in DICOM, yet found in the wild)."""
+    ds = pydicom.dcmread(io.BytesIO(j2k))
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    frame = frame[:8] + struct.pack(">II", width, height) + frame[16:]
+    if jp2:
+        signature = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+        frame = signature + struct.pack(">I", 8 + len(frame)) + b"jp2c" + frame
+    ds.PixelData = encapsulate([frame])
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 @pytest.mark.usefixtures("no_pixel_decoding")
+@pytest.mark.parametrize("jp2", [False, True])
 def test_a_codestream_declaring_more_pixels_than_the_header_is_refused(
-    dicom_factory: DicomFactory,
+    dicom_factory: DicomFactory, jp2: bool
 ) -> None:
-    data = dicom_factory(
+    j2k = dicom_factory(
         np.zeros((32, 32), dtype=np.uint16), "MONOCHROME2", 12, syntax=JPEG2000Lossless
     )
-    siz = data.index(b"\xff\x4f\xff\x51")  # the frame's SOC and SIZ markers
-    lying = data[: siz + 8] + struct.pack(">II", 40000, 40000) + data[siz + 16 :]
     with pytest.raises(InvalidImageError, match="declares 40000x40000 pixels"):
-        decode_image(lying)
+        decode_image(_lying_frame(j2k, 40000, 40000, jp2=jp2))
 
 
 def test_a_deflate_bomb_is_refused_while_inflating(
@@ -568,11 +583,10 @@ def test_hostile_objects_keep_memory_bounded_in_a_fresh_process(
     tiny = np.zeros((32, 32), dtype=np.uint16)
     rle = dicom_factory(tiny, "MONOCHROME2", 12, syntax=RLELossless)
     j2k = dicom_factory(tiny, "MONOCHROME2", 12, syntax=JPEG2000Lossless)
-    siz = j2k.index(b"\xff\x4f\xff\x51")
     hostile = [
         _set_header(rle, Rows=60000, Columns=60000),
         _set_header(rle, NumberOfFrames=200_000, Rows=512, Columns=512),
-        j2k[: siz + 8] + struct.pack(">II", 30000, 30000) + j2k[siz + 16 :],
+        _lying_frame(j2k, 30000, 30000),
     ]
     for i, blob in enumerate(hostile):
         (tmp_path / f"{i}.dcm").write_bytes(blob)

@@ -81,7 +81,7 @@ class DisplayParams(BaseModel):
         default=0,
         ge=0,
         le=MAX_FRAME,
-        description="DICOM only: the frame of a multi-frame object to explain, from 0.",
+        description="DICOM only: the frame of a multi-frame object to use, from 0.",
     )
 
     @model_validator(mode="after")

@@ -73,6 +73,27 @@ class UnsupportedImageFormatError(ServiceError):
     title = "The image format is not accepted"
 
 
+class TruncatedImageError(InvalidImageError):
+    """The image's pixel data is shorter than it declares (or missing from an image object)."""
+
+    code = "truncated_pixel_data"
+    title = "The image data is truncated"
+
+
+class DicomWithoutImageError(UnsupportedImageFormatError):
+    """A DICOM object with no pixel data: a structured report, an RT plan, a waveform."""
+
+    code = "dicom_without_image"
+    title = "The DICOM object holds no image"
+
+
+class UnsupportedTransferSyntaxError(UnsupportedImageFormatError):
+    """A DICOM encoding that no installed pixel-data decoder handles (e.g. MPEG video)."""
+
+    code = "unsupported_transfer_syntax"
+    title = "The DICOM transfer syntax is not supported"
+
+
 class ImageTooLargeError(ServiceError):
     category = ErrorCategory.TOO_LARGE
     code = "image_too_large"

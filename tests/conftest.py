@@ -10,6 +10,10 @@ they all share the module name ``conftest``.
 - ``shapes_model``: a small ResNet trained in the session (about 12 s on 2 idle cores) to tell a
   square, a cross and a disk apart on noisy 64x64 images, saved as a state dict and loaded
   through the engine; ``make_shapes`` generates its images with their bounding boxes.
+- ``make_dicom(pixels, photometric, bits_stored, ...)``: the bytes of a DICOM file written with
+  pydicom (uncompressed or compressed with ``Dataset.compress``), carrying the identifying
+  attributes of ``PATIENT`` (handed out as the ``patient`` fixture) so that tests can look for
+  them where they must never appear.
 - ``@pytest.mark.gpu`` tests are skipped where CUDA is not available.
 """
 
@@ -23,6 +27,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from service.engine.loading import load_model
 from service.engine.models import LoadedModel
@@ -225,3 +231,76 @@ def shapes_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def shapes_model(shapes_weights: Path) -> LoadedModel:
     """The trained shapes classifier, loaded through the engine from its ``.pt`` file."""
     return load_model(shapes_spec(shapes_weights), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM files written by the tests.
+
+#: Identifying attributes every test DICOM carries; none may reach a log line or an error body.
+PATIENT: dict[str, str] = {
+    "PatientName": "Zyxwut^Quorra^Ingrid",
+    "PatientID": "PID-7Q4Z-93851",
+    "PatientBirthDate": "19530417",
+    "PatientSex": "F",
+    "AccessionNumber": "ACC-55102-K",
+    "InstitutionName": "Hospital Veridian Secret",
+    "ReferringPhysicianName": "Trelawney^Cassius",
+}
+STUDY_UID = "1.2.826.0.1.3680043.8.498.11111111111111111111"
+
+DicomFactory = Callable[..., bytes]
+
+
+def make_dicom(
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 8,
+    *,
+    syntax: str = ExplicitVRLittleEndian,
+    sop_class: str = SecondaryCaptureImageStorage,
+    preamble: bool = True,
+    **attributes: Any,
+) -> bytes:
+    """A DICOM Part 10 file of ``pixels`` (rows x columns [x 3], or frames first for several
+    frames), compressed to ``syntax`` when it is a compressed one, with ``PATIENT``'s attributes,
+    a study and series, and ``attributes`` (keywords; ``None`` deletes one)."""
+    import io
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
+    ds.StudyInstanceUID = STUDY_UID
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    for keyword, value in PATIENT.items():
+        setattr(ds, keyword, value)
+    ds.set_pixel_data(pixels, photometric_interpretation=photometric, bits_stored=bits_stored)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword, value in attributes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    if UID(syntax).is_compressed:
+        ds.compress(syntax)
+    else:
+        ds.file_meta.TransferSyntaxUID = syntax
+        if not UID(syntax).is_little_endian:  # pydicom writes Pixel Data bytes as they are
+            ds.PixelData = np.ascontiguousarray(pixels).byteswap().tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    return data if preamble else data[128:]
+
+
+@pytest.fixture(scope="session")
+def dicom_factory() -> DicomFactory:
+    """``make_dicom(pixels, photometric="MONOCHROME2", bits_stored=8, *, syntax=..., **attrs)``."""
+    return make_dicom
+
+
+@pytest.fixture(scope="session")
+def patient() -> dict[str, str]:
+    """The identifying attributes every ``make_dicom`` file carries."""
+    return dict(PATIENT)

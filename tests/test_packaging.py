@@ -390,3 +390,15 @@ def test_ci_run_fails_when_pytest_fails_or_collects_nothing(
     result = _run_ci(tmp_path)
     assert result.returncode != 0
     assert "ruff" not in log.read_text(), "nothing should run after a failed pytest"
+
+
+def test_the_readmes_models_files_are_valid_model_specs() -> None:
+    """Every YAML models file the README shows loads as it says (the clinical one included)."""
+    spec = pytest.importorskip("service.engine.spec")
+    blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    entries = [
+        entry for block in blocks for entry in (yaml.safe_load(block) or {}).get("models", [])
+    ]
+    assert any(entry.get("model_kwargs", {}).get("in_chans") == 1 for entry in entries)
+    for entry in entries:
+        spec.ModelSpec.model_validate(entry)

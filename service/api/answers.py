@@ -15,6 +15,7 @@ import numpy as np
 from service.api.problems import service_problem
 from service.api.requests import ExplainParams
 from service.api.responses import (
+    DicomSchema,
     Encoding,
     ExplainResponse,
     Explanation,
@@ -65,6 +66,7 @@ def model_info(model: LoadedModel, replicas: int) -> ModelInfo:
         input_size=model.input_size,
         preprocessing=PreprocessingSchema(**dataclasses.asdict(model.preprocessing)),
         default_layer=model.default_layer,
+        activation=model.activation,
         device=str(model.device),
         replicas=replicas,
         weights=WeightsSchema(
@@ -113,8 +115,16 @@ def layer_list(model: LoadedModel) -> LayerList:
 
 
 def original_image(image: DecodedImage) -> OriginalImage:
+    dicom = None
+    if image.dicom is not None:
+        description = dataclasses.asdict(image.dicom.description)  # no header: no patient data
+        dicom = DicomSchema.model_validate(description)
     return OriginalImage(
-        width=image.width, height=image.height, mode=image.original_mode, format=image.format
+        width=image.width,
+        height=image.height,
+        mode=image.original_mode,
+        format=image.format,
+        dicom=dicom,
     )
 
 
@@ -161,6 +171,18 @@ def map_warnings(cam: CamMap, label: str) -> list[str]:
         f"The map is empty: at layer '{cam.layer}' nothing raises the score of '{label}' (all"
         f" values are <= 0 before rectification). Try another layer or method; for class-token"
         f" ViTs the last block's output gets no gradient on its patch tokens (use its norm1)."
+    ]
+
+
+def image_warnings(model: LoadedModel, outcome: ExplainOutcome, params: ExplainParams) -> list[str]:
+    """Say so when min_probability left an image with nothing to explain."""
+    if params.min_probability is None or outcome.maps:
+        return []
+    best = int(np.argmax(outcome.probabilities))
+    return [
+        f"No class reaches min_probability {params.min_probability:g}: the most probable,"
+        f" '{model.labels[best]}', has {float(outcome.probabilities[best]):.4f}. Nothing was"
+        " explained; lower min_probability or name a target."
     ]
 
 
@@ -250,6 +272,7 @@ def explain_response(
                 original=original_image(image),
                 predictions=top_predictions(model, outcome.probabilities, listed),
                 explanations=[_explanation(model, rendered, params) for rendered in outcome.maps],
+                warnings=image_warnings(model, outcome, params),
                 timings=timings_schema(outcome.timings, decode_s),
             )
             for i, (image, outcome) in enumerate(zip(images, outcomes, strict=True))

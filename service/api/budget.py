@@ -23,8 +23,15 @@ from service.runtime.rendering import OVERLAY_MAX_SIDE, fit_within
 _LIST_VALUE_BYTES: Final = 20
 _BASE64_VALUE_BYTES: Final = 16 / 3
 #: Bytes per overlay pixel before base64, measured on photo-like images: a PNG overlay keeps
-#: about a third of its raw RGB bytes (noise keeps all), JPEG/WebP at quality 90 far less.
-_PICTURE_PIXEL_BYTES: Final = {"png": 1.5, "panel": 1.5, "jpeg": 0.35, "webp": 0.35}
+#: about a third of its raw RGB bytes (noise keeps all), JPEG/WebP at quality 90 far less; a
+#: DICOM Secondary Capture stores them all, uncompressed.
+_PICTURE_PIXEL_BYTES: Final = {
+    "png": 1.5,
+    "panel": 1.5,
+    "jpeg": 0.35,
+    "webp": 0.35,
+    "dicom": 3.0,
+}
 #: Targets, labels, ranges and the other members of one explanation.
 _EXPLANATION_OVERHEAD: Final = 1024
 

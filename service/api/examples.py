@@ -31,7 +31,7 @@ from service.api.responses import (
     PredictResponse,
     Readiness,
 )
-from service.engine.images import ACCEPTED_FORMATS
+from service.engine.images import UPLOAD_FORMATS
 from service.errors import (
     DeadlineExceededError,
     InvalidImageError,
@@ -46,7 +46,7 @@ from service.errors import (
 
 _PREDICT = "/v1/models/resnet50/predict"
 _EXPLAIN = "/v1/models/resnet50/explain"
-_FORMATS = ", ".join(ACCEPTED_FORMATS)
+_FORMATS = ", ".join(UPLOAD_FORMATS)
 
 
 def _dumped(problem: Problem) -> dict[str, Any]:
@@ -221,7 +221,7 @@ PROBLEM_EXAMPLES: dict[int, tuple[str, dict[str, Any]]] = {
                 f"Images in ICO format are not accepted; convert it to one of {_FORMATS} and"
                 " try again.",
                 image_index=0,
-                allowed=list(ACCEPTED_FORMATS),
+                allowed=list(UPLOAD_FORMATS),
             ),
             _PREDICT,
         ),

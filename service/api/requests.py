@@ -17,10 +17,13 @@ from pydantic import (
     Field,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from service.api.responses import Encoding
-from service.engine.images import ACCEPTED_FORMATS
+from service.engine.dicom import DisplayOptions, Window
+from service.engine.explain import MAX_PROBABILITY_TARGETS
+from service.engine.images import ACCEPTED_FORMATS, UPLOAD_FORMATS
 from service.engine.methods import METHOD_NAMES, METHODS
 from service.engine.render import COLORMAPS, DEFAULT_COLORMAP
 from service.runtime.jobs import OverlayKind, UpsampledSize
@@ -29,6 +32,9 @@ from service.runtime.jobs import OverlayKind, UpsampledSize
 MAX_LAYERS = 8
 MAX_TARGETS = 16
 MAX_EXPLAIN_TOP_K = 10
+#: Bounds of a requested DICOM window (the span of 32-bit stored values) and frame number.
+MAX_WINDOW_VALUE = 2.0**32
+MAX_FRAME = 2**31 - 2
 
 #: An 8x8 PNG, base64-encoded: the image of the JSON request examples (a real one, so that an
 #: example sent as it is gets an answer).
@@ -37,12 +43,15 @@ EXAMPLE_PNG_BASE64 = (
     "AAAAAElFTkSuQmCC"
 )
 #: Media types an uploaded image may declare.
-IMAGE_MEDIA_TYPES = tuple(f"image/{fmt.lower()}" for fmt in ACCEPTED_FORMATS)
+IMAGE_MEDIA_TYPES = (
+    *(f"image/{fmt.lower()}" for fmt in ACCEPTED_FORMATS),
+    "application/dicom",
+)
 
 _METHODS_DOC = "; ".join(
     f"'{name}', {METHODS[name].description.rstrip('.')}" for name in METHOD_NAMES
 )
-_FORMATS_DOC = ", ".join(ACCEPTED_FORMATS)
+_FORMATS_DOC = ", ".join(UPLOAD_FORMATS)
 
 
 def _one_of(value: str, allowed: Sequence[str], what: str) -> str:
@@ -92,10 +101,75 @@ Integer = Annotated[int, BeforeValidator(_integral)]
 Index = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
 
 
-class PredictParams(BaseModel):
-    """Parameters of ``predict``, as multipart form fields or JSON members."""
+#: window_center and window_width come together, or neither does (absent or null).
+_WINDOW_PAIR: dict[str, Any] = {
+    "anyOf": [
+        {
+            "required": ["window_center", "window_width"],
+            "properties": {"window_center": {"type": "number"}, "window_width": {"type": "number"}},
+        },
+        {"properties": {"window_center": {"type": "null"}, "window_width": {"type": "null"}}},
+    ]
+}
+#: layer and layer_index are alternatives: a request gives one of them, not both (a null
+#: layer_index is none). Said without 'not', which schemathesis cannot combine with binary parts.
+_LAYER_CHOICE: dict[str, Any] = {
+    "anyOf": [{"properties": {"layer": False}}, {"properties": {"layer_index": {"type": "null"}}}]
+}
+#: min_probability chooses the classes instead of target and top_k: not with either of them.
+_CLASS_CHOICE: dict[str, Any] = {
+    "anyOf": [
+        {"properties": {"min_probability": {"type": "null"}}},
+        {"properties": {"target": False, "top_k": False}},
+    ]
+}
 
-    model_config = ConfigDict(extra="forbid")
+
+class DisplayParams(BaseModel):
+    """How DICOM uploads are shown to the model (and in overlays); other images ignore them."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": [_WINDOW_PAIR]})
+
+    window_center: float | None = Field(
+        default=None,
+        ge=-MAX_WINDOW_VALUE,
+        le=MAX_WINDOW_VALUE,
+        allow_inf_nan=False,
+        description="DICOM only: window centre, in the units after the modality LUT (CT:"
+        " Hounsfield units), instead of the file's window. Give window_width with it.",
+        examples=[40],
+    )
+    window_width: float | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_WINDOW_VALUE,
+        allow_inf_nan=False,
+        description="DICOM only: window width (at least 1), with window_center.",
+        examples=[400],
+    )
+    frame: Integer = Field(
+        default=0,
+        ge=0,
+        le=MAX_FRAME,
+        description="DICOM only: the frame of a multi-frame object to use, from 0.",
+    )
+
+    @model_validator(mode="after")
+    def _window_pair(self) -> DisplayParams:
+        if (self.window_center is None) != (self.window_width is None):
+            raise ValueError("give window_center and window_width together, or neither")
+        return self
+
+    def display(self) -> DisplayOptions:
+        """The engine's display options for DICOM uploads."""
+        window = None
+        if self.window_center is not None and self.window_width is not None:
+            window = Window(self.window_center, self.window_width)
+        return DisplayOptions(window=window, frame=self.frame)
+
+
+class PredictParams(DisplayParams):
+    """Parameters of ``predict``, as multipart form fields or JSON members."""
 
     top_k: Integer = Field(
         default=5,
@@ -107,16 +181,12 @@ class PredictParams(BaseModel):
     )
 
 
-class ExplainParams(BaseModel):
+class ExplainParams(DisplayParams):
     """Parameters of ``explain``, as multipart form fields or JSON members."""
 
-    # 'layer' and 'layer_index' are alternatives: a request may give one of them, not both.
-    # (Said without 'not', which schemathesis's coverage phase cannot combine with binary parts.)
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "anyOf": [{"properties": {"layer": False}}, {"properties": {"layer_index": False}}]
-        },
+        json_schema_extra={"allOf": [_WINDOW_PAIR, _LAYER_CHOICE, _CLASS_CHOICE]},
     )
 
     layer: list[str] = Field(
@@ -146,6 +216,14 @@ class ExplainParams(BaseModel):
         le=MAX_EXPLAIN_TOP_K,
         description="When no target is given, explain this many of the most probable classes.",
     )
+    min_probability: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Instead of target or top_k: explain every class whose probability reaches"
+        f" this (most probable first, at most {MAX_PROBABILITY_TARGETS}; possibly none). Meant"
+        " for multi-label (sigmoid) models.",
+    )
     method: str = Field(
         default="gradcam",
         description=f"CAM method: {_METHODS_DOC}.",
@@ -170,8 +248,10 @@ class ExplainParams(BaseModel):
     )
     overlay: OverlayKind = Field(
         default="png",
-        description="Overlay of the heatmap on the uploaded image: its encoding, 'panel' for the"
-        " four-part figure (original, overlay, heatmap, colour scale; PNG), or 'none'.",
+        description="Overlay of the heatmap on the uploaded image (a DICOM one as displayed,"
+        " windowed): its encoding, 'panel' for the four-part figure (original, overlay, heatmap,"
+        " colour scale; PNG), 'dicom' for a DICOM Secondary Capture object filed under the"
+        " uploaded DICOM object's study (DICOM uploads only), or 'none'.",
     )
     heatmap: Flag = Field(
         default=True,
@@ -205,8 +285,9 @@ class ExplainParams(BaseModel):
 
 
 _IMAGE_FIELD_DOC = (
-    f"The image file(s) ({_FORMATS_DOC}); repeat the field for several images, each gets its"
-    " own result, in order."
+    f"The image file(s) ({_FORMATS_DOC}; DICOM is recognised by its content, with or without"
+    " the application/dicom type); repeat the field for several images, each gets its own"
+    " result, in order."
 )
 
 
@@ -229,7 +310,8 @@ class ImageData(BaseModel):
 
     data: str = Field(
         description=f"The image file's bytes ({_FORMATS_DOC}), base64-encoded (standard or"
-        " URL-safe alphabet; a 'data:image/...;base64,' prefix is accepted).",
+        " URL-safe alphabet; a 'data:image/...;base64,' or 'data:application/dicom;base64,'"
+        " prefix is accepted).",
         examples=[EXAMPLE_PNG_BASE64],
     )
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.problems import Problem
 from service.engine.layers import Layout
 from service.engine.models import WeightsSource
+from service.engine.spec import Activation
 from service.runtime.loading import ModelState
 
 Encoding = Literal["list", "base64"]
@@ -36,8 +37,11 @@ class PreprocessingSchema(BaseModel):
     interpolation: str
     crop_pct: float
     crop_mode: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: list[float] = Field(description="One value per input channel.")
+    std: list[float] = Field(description="One value per input channel.")
+    channels: int = Field(
+        description="Input channels: 3 (RGB) or 1 (grey; colour images become luminance)."
+    )
 
 
 class ModelInfo(BaseModel):
@@ -55,6 +59,11 @@ class ModelInfo(BaseModel):
     input_size: tuple[int, int] | None = Field(default=None, description="(height, width).")
     preprocessing: PreprocessingSchema | None = None
     default_layer: str | None = Field(default=None, description="Layer explained by default.")
+    activation: Activation | None = Field(
+        default=None,
+        description="softmax: probabilities over the classes sum to 1; sigmoid: each class has"
+        " its own probability (multi-label).",
+    )
     device: str | None = None
     replicas: int = 0
     weights: WeightsSchema | None = None
@@ -90,17 +99,55 @@ class LayerList(BaseModel):
 # ============================================================================ results
 
 
+class WindowSchema(BaseModel):
+    """The VOI transform a DICOM frame was shown with."""
+
+    center: float | None = Field(description="Window centre, after the modality LUT (CT: HU).")
+    width: float | None = Field(description="Window width; null for a VOI LUT.")
+    function: str = Field(description="LINEAR, LINEAR_EXACT, SIGMOID, or LUT.")
+    source: str = Field(
+        description="Where it came from: 'request' (window_center/window_width), 'file' (the"
+        " object's first window), 'voi_lut' (its VOI LUT Sequence), 'percentile' (no window in"
+        " the file: the frame's 0.5th-99.5th percentile range) or 'full_range' (8-bit data"
+        " without window or rescale: its whole range)."
+    )
+
+
+class DicomSchema(BaseModel):
+    """What a DICOM upload was, without any patient data."""
+
+    sop_class: str = Field(description="e.g. 'CT Image Storage'.")
+    transfer_syntax: str = Field(description="e.g. 'JPEG 2000 Image Compression'.")
+    modality: str | None = Field(description="e.g. CT, CR, DX, MR.")
+    photometric_interpretation: str = Field(description="e.g. MONOCHROME2, MONOCHROME1, RGB.")
+    bits_stored: int
+    rows: int
+    columns: int
+    number_of_frames: int
+    frame: int = Field(description="The frame explained, from 0.")
+    window: WindowSchema | None = Field(description="The window applied; null for colour.")
+
+
 class OriginalImage(BaseModel):
     width: int
     height: int
-    mode: str = Field(description="Pillow mode the file decoded to, e.g. RGB, L, I;16, CMYK.")
-    format: str = Field(description="Container format, e.g. JPEG.")
+    mode: str = Field(
+        description="Pillow mode the file decoded to, e.g. RGB, L, I;16, CMYK; for DICOM its"
+        " photometric interpretation."
+    )
+    format: str = Field(description="Container format, e.g. JPEG or DICOM.")
+    dicom: DicomSchema | None = Field(
+        default=None, description="For a DICOM upload: what it was, and how it was shown."
+    )
 
 
 class Prediction(BaseModel):
     index: int = Field(description="Class index.")
     label: str
-    probability: float = Field(description="Softmax probability.")
+    probability: float = Field(
+        description="Softmax probability, or the class's own sigmoid probability for a"
+        " multi-label model (see the model's activation)."
+    )
 
 
 class TimingsSchema(BaseModel):
@@ -156,10 +203,12 @@ class UpsampledMap(MapArray):
 
 
 class Overlay(BaseModel):
-    media_type: str = Field(description="e.g. image/png.")
+    media_type: str = Field(description="e.g. image/png, or application/dicom.")
     width: int
     height: int
-    data: str = Field(description="The encoded picture, base64.")
+    data: str = Field(
+        description="The encoded picture, base64 (for overlay=dicom: a DICOM Part 10 file)."
+    )
 
 
 class Target(BaseModel):
@@ -202,6 +251,10 @@ class ImageExplanation(BaseModel):
     original: OriginalImage
     predictions: list[Prediction]
     explanations: list[Explanation] = Field(description="Ordered by target, then layer.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Caveats about this image, e.g. that no class reached min_probability.",
+    )
     timings: TimingsSchema
 
 

@@ -44,17 +44,28 @@ class PostProcess:
             raise InvalidParameterError("threshold must be between 0 and 1.")
 
 
+#: Most classes one image explains when they are chosen by ``min_probability``.
+MAX_PROBABILITY_TARGETS = 16
+
+
 @dataclass(frozen=True)
 class ImageRequest:
     """What to explain for one image of a batch.
 
     ``layers``: layer names; none means the model's default layer. ``targets``: explicit class
-    indices, or None for the ``top_k`` predicted classes.
+    indices; else, with ``min_probability``, every class whose probability reaches it (most
+    probable first, at most :data:`MAX_PROBABILITY_TARGETS`; possibly none); else the ``top_k``
+    predicted classes.
     """
 
     layers: tuple[str, ...] = ()
     targets: tuple[int, ...] | None = None
     top_k: int = 1
+    min_probability: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_probability is not None and not 0.0 <= self.min_probability <= 1.0:
+            raise InvalidParameterError("min_probability must be between 0 and 1.")
 
 
 @dataclass
@@ -134,7 +145,7 @@ def predict(model: LoadedModel, inputs: torch.Tensor) -> np.ndarray:
     """Class probabilities (B, num_classes) without any gradient bookkeeping."""
     with torch.inference_mode(), model.autocast():
         logits = model.module(inputs.to(model.device))
-    return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    return model.probabilities(logits).cpu().numpy()
 
 
 def _targets(
@@ -150,6 +161,11 @@ def _targets(
                         image_index=i,
                     )
             chosen.append(tuple(request.targets))
+        elif request.min_probability is not None:
+            ranked = torch.sort(probabilities[i], descending=True, stable=True)
+            above = ranked.values >= request.min_probability
+            indices = ranked.indices[above][:MAX_PROBABILITY_TARGETS]
+            chosen.append(tuple(int(c) for c in indices.tolist()))
         else:
             k = max(1, min(request.top_k, model.num_classes))
             chosen.append(tuple(int(c) for c in probabilities[i].topk(k).indices.tolist()))
@@ -186,7 +202,7 @@ def explain(
         capture = LayerCapture(model.module, names, with_grad=cam_method.needs_gradients)
         with capture, model.autocast():
             logits = model.module(inputs)
-        probabilities = torch.softmax(logits.detach().float(), dim=-1)
+        probabilities = model.probabilities(logits.detach())
         call = _Call(
             model=model,
             method=cam_method,
@@ -200,7 +216,7 @@ def explain(
             probabilities=probabilities.cpu(),
             scorecam_batch_size=scorecam_batch_size,
         )
-        rounds = max(len(t) for t in call.targets)
+        rounds = max(len(t) for t in call.targets)  # 0: no class reached min_probability
         for r in range(rounds):
             _round(call, r, last=r == rounds - 1)
     return ExplainResult(probabilities=call.probabilities.numpy(), maps=call.maps)

@@ -18,25 +18,35 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageFile, ImageOps
 
+from service.engine.dicom import DICOM_FORMAT, DicomSource, DisplayOptions, is_dicom, open_dicom
 from service.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
 
 #: Container formats accepted for upload, as Pillow names them. Anything else Pillow recognises
 #: (ICO, TGA, PPM, PSD, ...) is refused as unsupported rather than decoded: each extra parser is
 #: attack surface, and the list is what the API documents.
 ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
+#: Every format accepted: Pillow's, and DICOM (recognised by its ``DICM`` marker, decoded by
+#: :mod:`service.engine.dicom`).
+UPLOAD_FORMATS: tuple[str, ...] = (*ACCEPTED_FORMATS, DICOM_FORMAT)
+#: Bytes of decoded pixel data allowed per pixel of the limit: an RGBA (or CMYK) image at the
+#: pixel limit, the most Pillow decodes any accepted format to. A DICOM object's declared pixel
+#: data (all frames, all samples) must fit in the same budget.
+BYTES_PER_PIXEL_BUDGET = 4
+#: Room for a deflated DICOM dataset's attributes besides its pixel data.
+_DICOM_HEADER_BUDGET = 16 * 1024 * 1024
 
 #: Pillow modes holding one unsigned 16-bit (or, for "I", 32-bit signed) integer per pixel.
 _WIDE_INT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 #: Modes that carry an alpha channel; they are composited over white.
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 _WHITE = (255, 255, 255)
-_ACCEPTED_LIST = ", ".join(ACCEPTED_FORMATS)
+_ACCEPTED_LIST = ", ".join(UPLOAD_FORMATS)
 
 # Load every plugin once, at import, so that the registry consulted per call is complete and is
 # never mutated while requests are being served.
@@ -59,6 +69,11 @@ class ImageLimits:
             msg = f"image limits must be positive, got {self}"
             raise ValueError(msg)
 
+    @property
+    def max_decoded_bytes(self) -> int:
+        """Most bytes of decoded pixel data one upload may declare."""
+        return self.max_pixels * BYTES_PER_PIXEL_BUDGET
+
 
 #: The limits used when the caller does not pass any.
 DEFAULT_LIMITS = ImageLimits()
@@ -70,8 +85,10 @@ class DecodedImage:
 
     ``image`` is a plain in-memory ``"RGB"`` image with EXIF orientation already applied, so
     ``width`` and ``height`` are the displayed dimensions. ``format`` is one of
-    ``ACCEPTED_FORMATS`` and ``original_mode`` the Pillow mode the file decoded to (e.g.
-    ``"I;16"``, ``"CMYK"``, ``"P"``, ``"LA"``), useful for logging and for explaining results.
+    ``UPLOAD_FORMATS`` and ``original_mode`` the Pillow mode the file decoded to (e.g.
+    ``"I;16"``, ``"CMYK"``, ``"P"``, ``"LA"``; for DICOM its photometric interpretation), useful
+    for logging and for explaining results. A DICOM upload's ``image`` is the frame as a viewer
+    displays it (windowed), and ``dicom`` describes it and keeps its header for derived objects.
     """
 
     image: Image.Image
@@ -79,21 +96,27 @@ class DecodedImage:
     original_mode: str
     width: int
     height: int
+    dicom: DicomSource | None = field(default=None, repr=False)
 
 
-def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> DecodedImage:
+def decode_image(
+    data: bytes, limits: ImageLimits = DEFAULT_LIMITS, display: DisplayOptions | None = None
+) -> DecodedImage:
     """Decode uploaded bytes into an RGB image, refusing anything unsafe or unusable.
 
     Raises ``InvalidImageError`` for empty, unrecognisable, truncated or corrupt data,
-    ``UnsupportedImageFormatError`` for a real image in a format outside ``ACCEPTED_FORMATS``,
+    ``UnsupportedImageFormatError`` for a real image in a format outside ``UPLOAD_FORMATS``,
     and ``ImageTooLargeError`` when the declared dimensions exceed ``limits`` (checked before the
     pixels are decoded). Only the first frame of animated GIF/WebP/PNG or multi-page TIFF files
-    is used.
+    is used; a DICOM object shows the frame and window of ``display`` (default: its first frame,
+    its own window).
     """
     if not data:
         raise InvalidImageError(
             f"The uploaded image is empty (0 bytes); send the bytes of a {_ACCEPTED_LIST} file."
         )
+    if is_dicom(data):
+        return _decode_dicom(data, limits, display or DisplayOptions())
     fmt, im = _open_header(data)
     with im:
         _check_size(im.size, limits)
@@ -113,6 +136,28 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> DecodedIm
         rgb = _to_rgb(im)
     return DecodedImage(
         image=rgb, format=fmt, original_mode=original_mode, width=rgb.width, height=rgb.height
+    )
+
+
+def _decode_dicom(data: bytes, limits: ImageLimits, display: DisplayOptions) -> DecodedImage:
+    """A DICOM object's frame as displayed; its size is checked before any pixel is decoded."""
+    dicom = open_dicom(data, max_inflated_bytes=limits.max_decoded_bytes + _DICOM_HEADER_BUDGET)
+    _check_size((dicom.columns, dicom.rows), limits)
+    if dicom.declared_bytes > limits.max_decoded_bytes:
+        raise ImageTooLargeError(
+            f"The DICOM object declares {dicom.frames} frame(s) of {dicom.columns}x{dicom.rows}"
+            f" pixels, {dicom.declared_bytes:,} bytes of pixel data; the most accepted is"
+            f" {limits.max_decoded_bytes:,} bytes. Send fewer frames or a smaller image."
+        )
+    shown, source = dicom.display(display)
+    rgb = Image.fromarray(shown, "RGB") if shown.ndim == 3 else _gray_to_rgb(shown)
+    return DecodedImage(
+        image=rgb,
+        format=DICOM_FORMAT,
+        original_mode=source.description.photometric_interpretation,
+        width=rgb.width,
+        height=rgb.height,
+        dicom=source,
     )
 
 
@@ -153,7 +198,7 @@ def _open_header(data: bytes) -> tuple[str, ImageFile.ImageFile]:
         raise UnsupportedImageFormatError(
             f"Images in {other} format are not accepted; convert it to one of "
             f"{_ACCEPTED_LIST} and try again.",
-            allowed=list(ACCEPTED_FORMATS),
+            allowed=list(UPLOAD_FORMATS),
         )
     raise InvalidImageError(
         "The uploaded data is not an image in any recognised format; send the bytes of a "
@@ -270,7 +315,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         raise UnsupportedImageFormatError(
             f"Images with {mode} pixels are not supported; re-save it as 8-bit RGB or "
             "greyscale and try again.",
-            allowed=list(ACCEPTED_FORMATS),
+            allowed=list(UPLOAD_FORMATS),
         ) from exc
 
 

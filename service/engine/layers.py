@@ -116,7 +116,7 @@ def classify_output(
 
 
 def discover_layers(
-    model: nn.Module, input_size: tuple[int, int], device: torch.device
+    model: nn.Module, input_size: tuple[int, int], device: torch.device, channels: int = 3
 ) -> list[LayerInfo]:
     """Run the model once and list every module output a CAM can use, in forward order."""
     batch = 2
@@ -139,7 +139,7 @@ def discover_layers(
     ]
     try:
         with torch.inference_mode():
-            model(torch.zeros(batch, 3, *input_size, device=device))
+            model(torch.zeros(batch, channels, *input_size, device=device))
     finally:
         for handle in handles:
             handle.remove()

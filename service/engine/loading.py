@@ -13,7 +13,7 @@ from torch import nn
 from service.engine.explain import ImageRequest, explain
 from service.engine.layers import default_layer_name, discover_layers
 from service.engine.models import LoadedModel, WeightsInfo, WeightsSource
-from service.engine.preprocess import PreprocessConfig
+from service.engine.preprocess import SUPPORTED_CHANNELS, PreprocessConfig
 from service.engine.spec import ModelSpec
 from service.errors import ModelLoadError
 
@@ -28,6 +28,25 @@ def resolve_device(requested: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"Device '{requested}' was requested but CUDA is not available.")
     return device
+
+
+def _check_in_chans(spec: ModelSpec, in_chans: object) -> int:
+    """The model's input channels, or a load error saying which values are supported."""
+    if (
+        isinstance(in_chans, int)
+        and not isinstance(in_chans, bool)
+        and in_chans in SUPPORTED_CHANNELS
+    ):
+        return in_chans
+    raise ModelLoadError(
+        f"Model '{spec.name}': in_chans={in_chans!r} is not supported. The service feeds RGB"
+        " images (in_chans 3, timm's default) or grey ones (model_kwargs: {in_chans: 1})."
+    )
+
+
+def _in_chans(spec: ModelSpec, module: nn.Module) -> int:
+    """timm models say how many channels they take (``in_chans``); the kwargs say it otherwise."""
+    return _check_in_chans(spec, getattr(module, "in_chans", spec.model_kwargs.get("in_chans", 3)))
 
 
 def _create(spec: ModelSpec, pretrained: bool) -> nn.Module:
@@ -184,6 +203,7 @@ def load_model(
     """Build, load and warm up a model: eval mode, frozen parameters, on ``device``."""
     from timm.data.config import resolve_model_data_config
 
+    _check_in_chans(spec, spec.model_kwargs.get("in_chans", 3))  # before any download
     module, weights = _build(spec)
     module.eval()
     module.requires_grad_(False)
@@ -193,8 +213,13 @@ def load_model(
     if num_classes <= 0:
         raise ModelLoadError(f"Model '{spec.name}' has no classifier head to explain.")
     data_config = _input_size(module, resolve_model_data_config(module))  # type: ignore[no-untyped-call]
-    preprocessing = PreprocessConfig.from_timm(data_config, spec.preprocessing)
-    layers = discover_layers(module, preprocessing.input_size, device)
+    try:
+        preprocessing = PreprocessConfig.from_timm(
+            data_config, spec.preprocessing, channels=_in_chans(spec, module)
+        )
+    except ValueError as exc:
+        raise ModelLoadError(f"Model '{spec.name}': {exc}") from exc
+    layers = discover_layers(module, preprocessing.input_size, device, preprocessing.channels)
     default = spec.default_layer or default_layer_name(module, layers)
     if default is None or default not in {layer.name for layer in layers}:
         raise ModelLoadError(
@@ -219,5 +244,5 @@ def load_model(
 def warm_up(model: LoadedModel) -> None:
     """One explain pass (a forward and a backward), so the first real request pays no start-up
     cost."""
-    inputs = torch.zeros(1, 3, *model.input_size, device=model.device)
+    inputs = torch.zeros(1, model.preprocessing.channels, *model.input_size, device=model.device)
     explain(model, inputs, [ImageRequest()], method="gradcam")

@@ -14,7 +14,7 @@ from torch import nn
 
 from service.engine.layers import LayerInfo
 from service.engine.preprocess import PreprocessConfig
-from service.engine.spec import ModelSpec
+from service.engine.spec import Activation, ModelSpec
 from service.errors import UnknownLayerError, UnknownTargetError
 
 WeightsSource = Literal["hub", "safetensors", "state_dict", "random"]
@@ -78,6 +78,21 @@ class LoadedModel:
     @property
     def input_size(self) -> tuple[int, int]:
         return self.preprocessing.input_size
+
+    @property
+    def activation(self) -> Activation:
+        return self.spec.activation
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, classes) logits -> float32 probabilities, as the model's ``activation`` says:
+        softmax over the classes, or one sigmoid per class for multi-label models.
+
+        The one place the activation is applied; maps never depend on it (they follow the
+        logit)."""
+        logits = logits.float()
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1)
 
     def autocast(self) -> AbstractContextManager[object]:
         """Mixed precision when configured (meant for CUDA; CPU autocast works, slowly)."""

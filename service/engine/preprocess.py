@@ -17,6 +17,9 @@ from PIL import Image
 
 from service.engine.spec import CropMode, Interpolation, PreprocessOverrides
 
+#: Input channels a served model may take: RGB, or grey (timm's ``in_chans=1``).
+SUPPORTED_CHANNELS: tuple[int, ...] = (3, 1)
+
 _RESAMPLE: dict[str, Image.Resampling] = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -29,20 +32,45 @@ _RESAMPLE: dict[str, Image.Resampling] = {
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Everything needed to turn an RGB image into the model's input tensor."""
+    """Everything needed to turn an image into the model's input tensor.
+
+    ``channels`` is 3 (RGB) or 1 (grey: colour images are converted to luminance); ``mean``
+    and ``std`` hold one value per channel. Anything else raises ``ValueError``.
+    """
 
     input_size: tuple[int, int]  # (height, width)
     interpolation: Interpolation
     crop_pct: float
     crop_mode: CropMode
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: int = 3
+
+    def __post_init__(self) -> None:
+        if self.channels not in SUPPORTED_CHANNELS:
+            raise ValueError(
+                f"{self.channels} input channels are not supported; a model takes 3 (RGB) or 1"
+                " (grey, in_chans: 1)."
+            )
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != self.channels:
+                raise ValueError(
+                    f"preprocessing {name} has {len(values)} values but the model takes"
+                    f" {self.channels} input channel(s); give one value per channel."
+                )
 
     @classmethod
     def from_timm(
-        cls, data_config: dict[str, object], overrides: PreprocessOverrides | None = None
+        cls,
+        data_config: dict[str, object],
+        overrides: PreprocessOverrides | None = None,
+        channels: int = 3,
     ) -> PreprocessConfig:
-        """Build from ``timm.data.resolve_model_data_config`` output plus per-model overrides."""
+        """Build from ``timm.data.resolve_model_data_config`` output plus per-model overrides.
+
+        timm's data config always gives RGB statistics; a grey model (``channels=1``) gets
+        their average, unless the overrides give its single values.
+        """
         size = data_config["input_size"]
         assert isinstance(size, tuple)
         interpolation = str(data_config.get("interpolation", "bicubic"))
@@ -56,8 +84,9 @@ class PreprocessConfig:
             interpolation=interpolation,  # type: ignore[arg-type]
             crop_pct=float(data_config.get("crop_pct", 1.0)),  # type: ignore[arg-type]
             crop_mode=crop_mode,  # type: ignore[arg-type]
-            mean=tuple(float(v) for v in data_config["mean"]),  # type: ignore[arg-type,attr-defined]
-            std=tuple(float(v) for v in data_config["std"]),  # type: ignore[arg-type,attr-defined]
+            mean=_per_channel(data_config["mean"], channels),
+            std=_per_channel(data_config["std"], channels),
+            channels=channels,
         )
         if overrides is None:
             return base
@@ -68,7 +97,17 @@ class PreprocessConfig:
             crop_mode=overrides.crop_mode or base.crop_mode,
             mean=overrides.mean or base.mean,
             std=overrides.std or base.std,
+            channels=channels,
         )
+
+
+def _per_channel(values: object, channels: int) -> tuple[float, ...]:
+    """timm's per-channel statistics for ``channels`` channels: as given, or their average for
+    one channel (what a grey image fed to RGB-trained filters summed into one sees)."""
+    floats = tuple(float(v) for v in values)  # type: ignore[attr-defined]
+    if channels == 1 and len(floats) > 1:
+        return (sum(floats) / len(floats),)
+    return floats
 
 
 @dataclass(frozen=True)
@@ -134,9 +173,14 @@ def _resize_plan(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, i
 
 
 def preprocess(image: Image.Image, cfg: PreprocessConfig) -> tuple[torch.Tensor, Geometry]:
-    """Turn an RGB PIL image into a normalised (3, H, W) float32 tensor and its geometry."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    """Turn a PIL image into a normalised (C, H, W) float32 tensor and its geometry.
+
+    C is ``cfg.channels``: 3 (RGB), or 1, where colour images become their luminance
+    (ITU-R 601-2, Pillow's ``"L"``) and grey images stay as they are.
+    """
+    mode = "RGB" if cfg.channels == 3 else "L"
+    if image.mode != mode:
+        image = image.convert(mode)
     width, height = image.size
     out_h, out_w = cfg.input_size
     rw, rh, left, top = _resize_plan(width, height, cfg)
@@ -145,9 +189,11 @@ def preprocess(image: Image.Image, cfg: PreprocessConfig) -> tuple[torch.Tensor,
         window = resized.crop((left, top, left + out_w, top + out_h))
     else:
         fill = tuple(round(255 * m) for m in cfg.mean)
-        window = Image.new("RGB", (out_w, out_h), fill)
+        window = Image.new(mode, (out_w, out_h), fill if mode == "RGB" else fill[0])
         window.paste(resized, (-left, -top))
     array = np.asarray(window, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[:, :, None]
     mean = np.asarray(cfg.mean, dtype=np.float32)
     std = np.asarray(cfg.std, dtype=np.float32)
     tensor = torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy())

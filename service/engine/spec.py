@@ -10,6 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 CropMode = Literal["center", "squash", "border"]
 Interpolation = Literal["bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"]
+#: How logits become the probabilities a model reports: one distribution over the classes
+#: (softmax), or an independent probability per class for multi-label models (sigmoid).
+Activation = Literal["softmax", "sigmoid"]
+#: Per-channel normalisation values: three for RGB models, one for grey (in_chans 1) models.
+ChannelValues = tuple[float] | tuple[float, float, float]
 
 
 class PreprocessOverrides(BaseModel):
@@ -23,8 +28,18 @@ class PreprocessOverrides(BaseModel):
     interpolation: Interpolation | None = None
     crop_pct: float | None = Field(default=None, gt=0.0, le=1.0)
     crop_mode: CropMode | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    mean: ChannelValues | None = Field(
+        default=None, description="One value per input channel: 3 (RGB) or 1 (in_chans 1)."
+    )
+    std: ChannelValues | None = Field(
+        default=None, description="One value per input channel: 3 (RGB) or 1 (in_chans 1)."
+    )
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _single_number(cls, value: object) -> object:
+        """A grey model's value may be written as a plain number (``mean: 0.5``)."""
+        return (value,) if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
 class ModelSpec(BaseModel):
@@ -51,7 +66,13 @@ class ModelSpec(BaseModel):
     default_layer: str | None = None
     preprocessing: PreprocessOverrides = Field(default_factory=PreprocessOverrides)
     model_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for timm.create_model."
+        default_factory=dict,
+        description="Extra keyword arguments for timm.create_model (in_chans: 1 for grey input).",
+    )
+    activation: Activation = Field(
+        default="softmax",
+        description="softmax: one distribution over the classes; sigmoid: an independent"
+        " probability per class (multi-label models, e.g. chest X-ray findings).",
     )
 
     @field_validator("weights")

@@ -12,7 +12,7 @@ from service.engine.images import DecodedImage
 from service.engine.preprocess import Geometry
 
 UpsampledSize = Literal["none", "input", "original"]
-OverlayKind = Literal["none", "png", "jpeg", "webp", "panel"]
+OverlayKind = Literal["none", "png", "jpeg", "webp", "panel", "dicom"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class OutputOptions:
 
     heatmap: bool = True  # the raw feature-grid map (normalised and unnormalised range)
     upsampled: UpsampledSize = "none"  # the [0, 1] map at the model input or original size
-    overlay: OverlayKind = "png"  # overlay on the original image, or the 4-part panel (PNG)
+    # overlay on the original image, the 4-part panel (PNG), or a DICOM Secondary Capture
+    overlay: OverlayKind = "png"
     colormap: str = "jet"
     alpha: float = 0.5
 
@@ -35,13 +36,15 @@ class PredictJob:
 
 @dataclass(frozen=True)
 class ExplainJob:
-    """Explain one image. ``layers`` are resolved names; ``targets`` resolved indices or None
-    for the ``top_k`` predicted classes."""
+    """Explain one image. ``layers`` are resolved names; ``targets`` resolved indices, or None
+    for every class reaching ``min_probability`` when it is given, else the ``top_k`` predicted
+    classes."""
 
     image: DecodedImage
     layers: tuple[str, ...]
     targets: tuple[int, ...] | None = None
     top_k: int = 1
+    min_probability: float | None = None
     method: str = "gradcam"
     post: PostProcess = field(default_factory=PostProcess)
     outputs: OutputOptions = field(default_factory=OutputOptions)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
 from service.engine.explain import CamMap
+from service.engine.images import DecodedImage
 from service.engine.models import LoadedModel
 from service.engine.preprocess import Geometry, map_to_original
 from service.engine.render import MEDIA_TYPES, encode_image, overlay, render_panel
+from service.engine.secondary_capture import DICOM_MEDIA_TYPE, CaptureContent, secondary_capture
 from service.runtime.jobs import OutputOptions, RenderedMap
 
 #: Overlays are drawn on the upload scaled to at most this many pixels on a side.
@@ -23,14 +24,16 @@ def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 def render_maps(
     model: LoadedModel,
-    image: Image.Image,
+    decoded: DecodedImage,
     maps: list[CamMap],
     geometry: Geometry,
     options: OutputOptions,
     max_upsampled_side: int,
 ) -> list[RenderedMap]:
-    """The renderings ``options`` ask for, for each map of one image. ``upsampled=original``
-    maps are resampled to fit ``max_upsampled_side`` (their scale says by how much)."""
+    """The renderings ``options`` ask for, for each map of one image (drawn on the image as
+    displayed: a DICOM frame windowed). ``upsampled=original`` maps are resampled to fit
+    ``max_upsampled_side`` (their scale says by how much)."""
+    image = decoded.image
     shown: np.ndarray | None = None
     shown_geometry = geometry
     if options.overlay != "none":
@@ -60,8 +63,27 @@ def render_maps(
             else:
                 picture = overlay(shown, heat, colormap=options.colormap, alpha=options.alpha)
                 fmt = options.overlay
-            out.overlay = encode_image(picture, fmt)
-            out.overlay_media_type = MEDIA_TYPES[fmt]
+            if fmt == "dicom":
+                out.overlay = _secondary_capture(model, decoded, cam, picture)
+                out.overlay_media_type = DICOM_MEDIA_TYPE
+            else:
+                out.overlay = encode_image(picture, fmt)
+                out.overlay_media_type = MEDIA_TYPES[fmt]
             out.overlay_size = (int(picture.shape[1]), int(picture.shape[0]))
         rendered.append(out)
     return rendered
+
+
+def _secondary_capture(
+    model: LoadedModel, decoded: DecodedImage, cam: CamMap, picture: np.ndarray
+) -> bytes:
+    if decoded.dicom is None:  # checked before the work was queued
+        raise ValueError("a Secondary Capture needs a DICOM source")
+    content = CaptureContent(
+        model=model.name,
+        layer=cam.layer,
+        method=cam.method,
+        target=model.labels[cam.target],
+        probability=cam.probability,
+    )
+    return secondary_capture(picture, decoded.dicom, content)

@@ -27,6 +27,7 @@ from typing import TypeVar
 
 import torch
 
+from service.engine.dicom import DisplayOptions
 from service.engine.explain import ImageRequest, check_explain_cost
 from service.engine.images import DecodedImage, decode_image
 from service.engine.models import LoadedModel
@@ -34,6 +35,7 @@ from service.engine.preprocess import Geometry, preprocess
 from service.engine.spec import ModelSpec, check_unique_names
 from service.errors import (
     DeadlineExceededError,
+    InvalidParameterError,
     ModelNotReadyError,
     OverloadedError,
     ServiceError,
@@ -109,7 +111,7 @@ class Runtime:
                 replicas = await load_replicas(spec, on, self._config)
             except Exception as exc:
                 status.state = "failed"
-                status.error = exc.detail if isinstance(exc, ServiceError) else type(exc).__name__
+                status.error = _load_failure(exc)
                 logger.exception("model %s failed to load", spec.name)
                 continue
             self._served[spec.name] = ServedModel(spec.name, replicas, self._config, self._metrics)
@@ -155,13 +157,16 @@ class Runtime:
     async def _on_cpu(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn)
 
-    async def decode(self, blobs: Sequence[bytes]) -> list[DecodedImage]:
-        """Decode uploads in the CPU pool; an error names the image it concerns."""
+    async def decode(
+        self, blobs: Sequence[bytes], display: DisplayOptions | None = None
+    ) -> list[DecodedImage]:
+        """Decode uploads in the CPU pool (DICOM objects shown with ``display``'s window and
+        frame); an error names the image it concerns."""
         limits = self._config.image_limits
 
         async def one(index: int, blob: bytes) -> DecodedImage:
             try:
-                return await self._on_cpu(lambda: decode_image(blob, limits))
+                return await self._on_cpu(lambda: decode_image(blob, limits, display))
             except ServiceError as exc:
                 raise exc.for_image(index) from None
 
@@ -228,7 +233,18 @@ class Runtime:
     ) -> list[ExplainOutcome]:
         served = self._ready(name)
         model = served.replicas[0]
-        requests = [ImageRequest(job.layers, job.targets, job.top_k) for job in jobs]
+        for index, job in enumerate(jobs):
+            if job.outputs.overlay == "dicom" and job.image.dicom is None:
+                raise InvalidParameterError(
+                    f"overlay=dicom returns a DICOM object filed under the uploaded object's"
+                    f" study and patient, but image {index} is {job.image.format}, not DICOM."
+                    " Send a DICOM file, or ask for another overlay.",
+                    code="dicom_overlay_needs_dicom",
+                    image_index=index,
+                )
+        requests = [
+            ImageRequest(job.layers, job.targets, job.top_k, job.min_probability) for job in jobs
+        ]
         for method in {job.method for job in jobs}:
             check_explain_cost(
                 model,
@@ -251,7 +267,7 @@ class Runtime:
                 partial(
                     render_maps,
                     model,
-                    job.image.image,
+                    job.image,
                     c.value.maps,
                     geometry,
                     job.outputs,
@@ -331,6 +347,15 @@ class Runtime:
             code=code,
             retry_after_s=full.retry_after_s,
         )
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why a model failed to load, for /readyz and /v1/models: a domain error's sentence, or an
+    unexpected exception's class and the first line of its message (at most 300 characters)."""
+    if isinstance(exc, ServiceError):
+        return exc.detail
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
 
 def _timings(preprocess_s: float, computed: Batched[Computed], render: float = 0.0) -> Timings:

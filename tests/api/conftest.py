@@ -35,6 +35,17 @@ VIT = ModelSpec(
     weights="random",
     model_kwargs={"img_size": 64, "depth": 2},
 )
+#: A grey, multi-label model, shaped like a chest X-ray classifier.
+XRAY = ModelSpec(
+    name="xray",
+    architecture="resnet18",
+    num_classes=3,
+    weights="random",
+    labels=["effusion", "nodule", "pneumothorax"],
+    activation="sigmoid",
+    preprocessing={"input_size": (64, 64), "crop_pct": 1.0},
+    model_kwargs={"in_chans": 1},
+)
 MAX_UPLOAD_BYTES = 256 * 1024
 MAX_IMAGES = 4
 
@@ -118,3 +129,11 @@ def client(settings: Settings) -> Iterator[TestClient]:
 @pytest.fixture(scope="session")
 def png() -> bytes:
     return image_bytes()
+
+
+@pytest.fixture(scope="session")
+def clinical_client() -> Iterator[TestClient]:
+    """An app serving an RGB model (``tiny``) and a grey multi-label one (``xray``)."""
+    with TestClient(create_app(make_settings(models=[TINY, XRAY]))) as client:
+        wait_ready(client)
+        yield client

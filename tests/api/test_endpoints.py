@@ -128,7 +128,13 @@ def test_predict_multipart_one_result_per_image(
     assert any("RANDOM" in warning for warning in body["warnings"])
     results = body["results"]
     assert [r["index"] for r in results] == [0, 1]
-    assert results[0]["original"] == {"width": 80, "height": 60, "mode": "RGB", "format": "PNG"}
+    assert results[0]["original"] == {
+        "width": 80,
+        "height": 60,
+        "mode": "RGB",
+        "format": "PNG",
+        "dicom": None,
+    }
     assert results[1]["original"]["format"] == "JPEG"
     for result in results:
         predictions = result["predictions"]

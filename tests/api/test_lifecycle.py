@@ -70,13 +70,28 @@ def test_not_ready_while_loading_then_ready(
         assert predict.status_code == 200, predict.text
 
 
+@pytest.mark.parametrize(
+    ("error", "reported"),
+    [
+        (
+            ModelLoadError("Weights from tiny.safetensors do not fit the architecture."),
+            "Weights from tiny.safetensors do not fit the architecture.",
+        ),
+        (  # an unexpected failure says what happened, not only its class name
+            RuntimeError("expected input[2, 3, 64, 64] to have 1 channels\nmore detail"),
+            "RuntimeError: expected input[2, 3, 64, 64] to have 1 channels",
+        ),
+    ],
+)
 def test_failed_model_is_reported_by_readyz(
     monkeypatch: pytest.MonkeyPatch,
     settings_factory: Callable[..., Settings],
     tiny_spec: ModelSpec,
+    error: Exception,
+    reported: str,
 ) -> None:
     def broken(*_: Any, **__: Any) -> Any:
-        raise ModelLoadError("Weights from tiny.safetensors do not fit the architecture.")
+        raise error
 
     monkeypatch.setattr(loading_module, "load_model", broken)
     with TestClient(create_app(settings_factory(models=[tiny_spec]))) as client:
@@ -86,7 +101,7 @@ def test_failed_model_is_reported_by_readyz(
                 break
             threading.Event().wait(0.02)
         assert body["models"]["tiny"]["state"] == "failed"
-        assert "do not fit" in body["models"]["tiny"]["error"]
+        assert body["models"]["tiny"]["error"] == reported
         listed = client.get("/v1/models").json()["models"]
         assert listed[0]["state"] == "failed"
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 
-from service.engine.explain import CamMap, ImageRequest, PostProcess, explain, postprocess
+from service.engine.explain import (
+    CamMap,
+    ImageRequest,
+    PostProcess,
+    explain,
+    postprocess,
+    predict,
+)
 from service.engine.methods import METHOD_NAMES, METHODS
 from service.engine.models import LoadedModel
 from service.errors import InvalidParameterError, UnknownLayerError, UnknownTargetError
@@ -459,3 +467,67 @@ def test_request_count_must_match_the_batch(load_tiny: Loader) -> None:
     model, layer = _load(load_tiny, "resnet")
     with pytest.raises(ValueError, match="2 images but 1 requests"):
         explain(model, _inputs(model, 2), [ImageRequest((layer,))])
+
+
+# --- multi-label models: sigmoid probabilities, targets by probability --------------------------
+
+
+def _multi_label(load_tiny: Loader) -> tuple[LoadedModel, LoadedModel]:
+    """The same tiny 6-class network as a softmax and as a sigmoid (multi-label) model."""
+    softmax = load_tiny("resnet18", num_classes=6, preprocessing={"input_size": (64, 64)})
+    spec = softmax.spec.model_copy(update={"activation": "sigmoid"})
+    return softmax, dataclasses.replace(softmax, spec=spec)
+
+
+def test_a_sigmoid_model_reports_an_independent_probability_per_class(load_tiny: Loader) -> None:
+    softmax, sigmoid = _multi_label(load_tiny)
+    x = _inputs(softmax, 2)
+    with torch.no_grad():
+        logits = softmax.module(x)
+    np.testing.assert_allclose(predict(sigmoid, x), torch.sigmoid(logits).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(predict(softmax, x), torch.softmax(logits, -1).numpy(), rtol=1e-6)
+    result = explain(sigmoid, x, [ImageRequest(top_k=2)] * 2)
+    np.testing.assert_allclose(result.probabilities, torch.sigmoid(logits).numpy(), rtol=1e-6)
+    assert result.maps[0][0].probability == pytest.approx(float(torch.sigmoid(logits[0]).max()))
+
+
+def test_maps_follow_the_logit_whatever_the_activation(load_tiny: Loader) -> None:
+    softmax, sigmoid = _multi_label(load_tiny)
+    x = _inputs(softmax, 2)
+    requests = [ImageRequest(targets=(1, 4)), ImageRequest(targets=(0,))]
+    one, other = explain(softmax, x, requests), explain(sigmoid, x, requests)
+    for maps_a, maps_b in zip(one.maps, other.maps, strict=True):
+        for a, b in zip(maps_a, maps_b, strict=True):
+            assert (a.target, a.logit) == (b.target, b.logit)
+            np.testing.assert_array_equal(a.grid, b.grid)
+            np.testing.assert_array_equal(a.input_map, b.input_map)
+            assert a.probability != b.probability
+
+
+def test_min_probability_explains_every_class_reaching_it_most_probable_first(
+    load_tiny: Loader,
+) -> None:
+    _, sigmoid = _multi_label(load_tiny)
+    x = _inputs(sigmoid, 2)
+    probabilities = predict(sigmoid, x)
+    floor = float(np.median(probabilities))
+    result = explain(sigmoid, x, [ImageRequest(min_probability=floor, top_k=1)] * 2)
+    for i, maps in enumerate(result.maps):
+        expected = [int(c) for c in np.argsort(-probabilities[i], kind="stable")]
+        expected = [c for c in expected if probabilities[i, c] >= floor]
+        assert 1 <= len(expected) < sigmoid.num_classes
+        assert [m.target for m in maps] == expected
+
+
+def test_min_probability_above_every_class_explains_nothing(load_tiny: Loader) -> None:
+    _, sigmoid = _multi_label(load_tiny)
+    x = _inputs(sigmoid, 2)
+    result = explain(sigmoid, x, [ImageRequest(min_probability=1.0)] * 2)
+    assert result.maps == [[], []]
+    assert result.probabilities.shape == (2, 6)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.01])
+def test_min_probability_outside_zero_to_one_is_an_invalid_parameter(value: float) -> None:
+    with pytest.raises(InvalidParameterError, match="min_probability"):
+        ImageRequest(min_probability=value)

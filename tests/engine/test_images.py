@@ -18,6 +18,7 @@ from PIL import Image, ImageFile
 
 from service.engine.images import (
     ACCEPTED_FORMATS,
+    UPLOAD_FORMATS,
     DecodedImage,
     ImageLimits,
     decode_image,
@@ -307,7 +308,7 @@ def test_recognised_but_unaccepted_format_is_unsupported(fmt: str) -> None:
         decode_image(data)
     error = info.value
     assert error.code == "unsupported_image_format"
-    assert error.allowed == list(ACCEPTED_FORMATS)
+    assert error.allowed == list(UPLOAD_FORMATS)
     assert fmt in error.detail
     assert "PNG" in error.detail  # says what to send instead
 

@@ -393,3 +393,70 @@ def test_grey_images_are_converted_to_rgb_before_normalising() -> None:
     assert tensor.shape == (3, 32, 32)
     for channel, mean in enumerate(config.mean):
         torch.testing.assert_close(tensor[channel], torch.full((32, 32), (1.0 - mean) / 0.5))
+
+
+# --- single-channel (grey) models -------------------------------------------------------------
+
+
+def test_a_grey_model_takes_one_channel_with_timms_statistics_averaged() -> None:
+    model = load_model(_spec("random", model_kwargs={**SMALL, "in_chans": 1}), CPU)
+    timm_config = resolve_model_data_config(model.module)
+    assert model.preprocessing.channels == 1
+    assert model.preprocessing.mean == pytest.approx((sum(timm_config["mean"]) / 3,))
+    assert model.preprocessing.std == pytest.approx((sum(timm_config["std"]) / 3,))
+    assert model.layer().grid == (2, 2)  # layers were found with one-channel input
+
+
+def _grey_config(size: int, mean: float, std: float) -> PreprocessConfig:
+    """A grey model's preprocessing that keeps every pixel (squashed to its own size)."""
+    return PreprocessConfig(
+        input_size=(size, size),
+        interpolation="nearest",
+        crop_pct=1.0,
+        crop_mode="squash",
+        mean=(mean,),
+        std=(std,),
+        channels=1,
+    )
+
+
+def test_a_grey_model_gets_the_luminance_of_colour_images_normalised_by_its_one_value() -> None:
+    config = _grey_config(8, mean=0.25, std=0.5)
+    colour = np.zeros((8, 8, 3), dtype=np.uint8)
+    colour[..., 0], colour[..., 1], colour[..., 2] = 200, 100, 50
+    tensor, _ = preprocess(Image.fromarray(colour), config)
+    assert tensor.shape == (1, 8, 8)
+    luma = (200 * 299 + 100 * 587 + 50 * 114) / 1000  # ITU-R 601-2, as Pillow's "L"
+    torch.testing.assert_close(
+        tensor[0], torch.full((8, 8), (round(luma) / 255 - 0.25) / 0.5), atol=1e-6, rtol=0
+    )
+
+
+def test_grey_input_given_as_rgb_reaches_a_grey_model_unchanged() -> None:
+    config = _grey_config(16, mean=0.0, std=1.0)
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    tensor, _ = preprocess(Image.fromarray(grey).convert("RGB"), config)
+    torch.testing.assert_close(tensor[0], torch.from_numpy(grey.astype(np.float32) / 255))
+
+
+def test_a_grey_models_single_values_may_be_given_as_plain_numbers() -> None:
+    spec = _spec(
+        "random",
+        model_kwargs={**SMALL, "in_chans": 1},
+        preprocessing={"input_size": (64, 64), "mean": 0.5, "std": [0.25]},
+    )
+    model = load_model(spec, CPU, warmup=False)
+    assert (model.preprocessing.mean, model.preprocessing.std) == ((0.5,), (0.25,))
+
+
+def test_normalisation_values_that_do_not_match_the_channels_are_a_load_error() -> None:
+    spec = _spec("random", preprocessing={"input_size": (64, 64), "mean": [0.5]})
+    with pytest.raises(ModelLoadError, match=r"mean has 1 values but the model takes 3"):
+        load_model(spec, CPU, warmup=False)
+
+
+@pytest.mark.parametrize("in_chans", [2, 4, 0])
+def test_unsupported_in_chans_fails_at_load_saying_what_is_supported(in_chans: int) -> None:
+    spec = _spec("random", model_kwargs={**SMALL, "in_chans": in_chans})
+    with pytest.raises(ModelLoadError, match=r"in_chans=\d is not supported.*\{in_chans: 1\}"):
+        load_model(spec, CPU, warmup=False)

@@ -29,6 +29,7 @@ from service.api.disconnects import until_disconnected
 from service.api.examples import problem_responses
 from service.api.requests import (
     IMAGE_MEDIA_TYPES,
+    DisplayParams,
     ExplainForm,
     ExplainJsonRequest,
     ExplainParams,
@@ -36,7 +37,7 @@ from service.api.requests import (
     PredictJsonRequest,
 )
 from service.api.responses import ExplainResponse, LayerList, ModelInfo, ModelList, PredictResponse
-from service.engine.explain import PostProcess
+from service.engine.explain import MAX_PROBABILITY_TARGETS, PostProcess
 from service.engine.images import DecodedImage
 from service.engine.models import LoadedModel
 from service.engine.spec import ModelSpec
@@ -84,9 +85,14 @@ def plan_explain(model: LoadedModel, params: ExplainParams) -> ExplainPlan:
 
     No layer named: no layer in the plan, and the engine explains the model's default layer.
     """
-    if {"layer", "layer_index"} <= params.model_fields_set:
+    if "layer" in params.model_fields_set and params.layer_index is not None:
         raise InvalidParameterError(
             "Give 'layer' or 'layer_index', not both.", code="conflicting_parameters"
+        )
+    if params.min_probability is not None and {"target", "top_k"} & params.model_fields_set:
+        raise InvalidParameterError(
+            "Give one way of choosing the classes: 'target', 'top_k' or 'min_probability'.",
+            code="conflicting_parameters",
         )
     try:
         if params.layer_index is not None:
@@ -111,6 +117,15 @@ def plan_explain(model: LoadedModel, params: ExplainParams) -> ExplainPlan:
     return ExplainPlan(layers, targets, post, outputs)
 
 
+def _most_targets(model: LoadedModel, params: ExplainParams, plan: ExplainPlan) -> int:
+    """The most classes one image of the request can be explained for."""
+    if plan.targets:
+        return len(plan.targets)
+    if params.min_probability is not None:
+        return min(MAX_PROBABILITY_TARGETS, model.num_classes)
+    return min(params.top_k, model.num_classes)
+
+
 def _model_info(runtime: Runtime, spec: ModelSpec) -> ModelInfo:
     status = runtime.statuses()[spec.name]
     if status.state == "ready":
@@ -122,11 +137,11 @@ def _model_info(runtime: Runtime, spec: ModelSpec) -> ModelInfo:
 
 
 async def _decode(
-    request: Request, runtime: Runtime, blobs: list[bytes]
+    request: Request, runtime: Runtime, blobs: list[bytes], params: DisplayParams
 ) -> tuple[list[DecodedImage], float]:
     """The uploaded images, decoded off the event loop, and the decode time per image."""
     started = time.perf_counter()
-    images = await until_disconnected(request, runtime.decode(blobs))
+    images = await until_disconnected(request, runtime.decode(blobs, params.display()))
     return images, (time.perf_counter() - started) / len(images)
 
 
@@ -196,7 +211,7 @@ async def predict(
 ) -> PredictResponse:
     """The top_k classes of each image, batched with other callers' images."""
     runtime.check_admission(model.name, len(upload.blobs), caller)
-    images, decode_s = await _decode(request, runtime, upload.blobs)
+    images, decode_s = await _decode(request, runtime, upload.blobs, upload.params)
     jobs = [PredictJob(image=image) for image in images]
     outcomes = await until_disconnected(request, runtime.predict(model.name, jobs, caller))
     return answers.predict_response(model, images, outcomes, upload.params.top_k, decode_s)
@@ -221,12 +236,12 @@ async def explain(
     params = upload.params
     plan = plan_explain(model, params)
     runtime.check_admission(model.name, len(upload.blobs), caller)
-    images, decode_s = await _decode(request, runtime, upload.blobs)
+    images, decode_s = await _decode(request, runtime, upload.blobs, params)
     check_explain_size(
         model,
         params,
         plan.layers,
-        len(plan.targets) if plan.targets else min(params.top_k, model.num_classes),
+        _most_targets(model, params, plan),
         images,
         max_upsampled_side=settings.max_upsampled_side,
         limit=settings.max_response_bytes,
@@ -237,6 +252,7 @@ async def explain(
             layers=plan.layers,
             targets=plan.targets,
             top_k=params.top_k,
+            min_probability=params.min_probability,
             method=params.method,
             post=plan.post,
             outputs=plan.outputs,

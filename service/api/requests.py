@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from service.api.responses import Encoding
-from service.engine.dicom import DisplayOptions, Window
+from service.engine.dicom_display import DisplayOptions, Window
 from service.engine.explain import MAX_PROBABILITY_TARGETS
 from service.engine.images import ACCEPTED_FORMATS, UPLOAD_FORMATS
 from service.engine.methods import METHOD_NAMES, METHODS

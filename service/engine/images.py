@@ -24,7 +24,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageFile, ImageOps
 
-from service.engine.dicom import DICOM_FORMAT, DicomSource, DisplayOptions, is_dicom, open_dicom
+from service.engine.dicom import DEFAULT_DISPLAY, DICOM_FORMAT, DicomSource, is_dicom, open_dicom
+from service.engine.dicom_display import DisplayOptions
 from service.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
 
 #: Container formats accepted for upload, as Pillow names them. Anything else Pillow recognises
@@ -116,7 +117,7 @@ def decode_image(
             f"The uploaded image is empty (0 bytes); send the bytes of a {_ACCEPTED_LIST} file."
         )
     if is_dicom(data):
-        return _decode_dicom(data, limits, display or DisplayOptions())
+        return _decode_dicom(data, limits, display or DEFAULT_DISPLAY)
     fmt, im = _open_header(data)
     with im:
         _check_size(im.size, limits)

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import torch
 
-from service.engine.dicom import DisplayOptions
+from service.engine.dicom_display import DisplayOptions
 from service.engine.explain import ImageRequest, check_explain_cost
 from service.engine.images import DecodedImage, decode_image
 from service.engine.models import LoadedModel

@@ -32,7 +32,8 @@ from pydicom.uid import (
 )
 
 from service.engine import dicom as dicom_module
-from service.engine.dicom import AppliedWindow, DisplayOptions, Window, apply_window, is_dicom
+from service.engine.dicom import is_dicom
+from service.engine.dicom_display import AppliedWindow, DisplayOptions, Window, apply_window
 from service.engine.explain import ImageRequest, explain
 from service.engine.images import DecodedImage, ImageLimits, decode_image
 from service.engine.models import LoadedModel

@@ -13,7 +13,8 @@ import pytest
 from pydicom.dataset import Dataset, validate_file_meta
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from service.engine.dicom import DicomSource, DisplayOptions
+from service.engine.dicom import DicomSource
+from service.engine.dicom_display import DisplayOptions
 from service.engine.images import decode_image
 from service.engine.secondary_capture import CaptureContent, secondary_capture
 from service.errors import InvalidImageError

@@ -216,6 +216,7 @@ class Settings(BaseSettings):
     scorecam_max_forward_passes: ForwardPasses = _RUNTIME.scorecam_max_forward_passes
     scorecam_batch_size: BatchSize = _RUNTIME.scorecam_batch_size
     max_upsampled_side: MapSide = _RUNTIME.max_upsampled_side
+    exact_decode: bool = _RUNTIME.exact_decode
 
     @field_validator("log_level", "device", "autocast", mode="before")
     @classmethod
@@ -248,6 +249,7 @@ class Settings(BaseSettings):
             scorecam_max_forward_passes=self.scorecam_max_forward_passes,
             scorecam_batch_size=self.scorecam_batch_size,
             max_upsampled_side=self.max_upsampled_side,
+            exact_decode=self.exact_decode,
             image_limits=ImageLimits(
                 max_pixels=self.max_image_pixels, max_side=self.max_image_side
             ),

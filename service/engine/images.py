@@ -17,6 +17,7 @@ call from many threads at once.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ _DICOM_HEADER_BUDGET = 16 * 1024 * 1024
 #: Pillow modes holding one unsigned 16-bit (or, for "I", 32-bit signed) integer per pixel.
 _WIDE_INT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 #: Modes that carry an alpha channel; they are composited over white.
+_EXIF_ORIENTATION = 0x0112
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 _WHITE = (255, 255, 255)
 _ACCEPTED_LIST = ", ".join(UPLOAD_FORMATS)
@@ -84,8 +86,9 @@ DEFAULT_LIMITS = ImageLimits()
 class DecodedImage:
     """An uploaded image decoded to RGB, with what it was before conversion.
 
-    ``image`` is a plain in-memory ``"RGB"`` image with EXIF orientation already applied, so
-    ``width`` and ``height`` are the displayed dimensions. ``format`` is one of
+    ``image`` is a plain in-memory ``"RGB"`` image with EXIF orientation already applied;
+    ``width`` and ``height`` are the upload's displayed dimensions, which ``image`` has unless
+    it was decoded reduced (``decode_image``'s ``scale``). ``format`` is one of
     ``UPLOAD_FORMATS`` and ``original_mode`` the Pillow mode the file decoded to (e.g.
     ``"I;16"``, ``"CMYK"``, ``"P"``, ``"LA"``; for DICOM its photometric interpretation), useful
     for logging and for explaining results. A DICOM upload's ``image`` is the frame as a viewer
@@ -100,8 +103,16 @@ class DecodedImage:
     dicom: DicomSource | None = field(default=None, repr=False)
 
 
+#: ``scale(width, height)``: the smallest scale at which the caller needs an image of this
+#: upright size; 1.0 asks for every pixel.
+ScaleNeeded = Callable[[int, int], float]
+
+
 def decode_image(
-    data: bytes, limits: ImageLimits = DEFAULT_LIMITS, display: DisplayOptions | None = None
+    data: bytes,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    display: DisplayOptions | None = None,
+    scale: ScaleNeeded | None = None,
 ) -> DecodedImage:
     """Decode uploaded bytes into an RGB image, refusing anything unsafe or unusable.
 
@@ -111,6 +122,11 @@ def decode_image(
     pixels are decoded). Only the first frame of animated GIF/WebP/PNG or multi-page TIFF files
     is used; a DICOM object shows the frame and window of ``display`` (default: its first frame,
     its own window).
+
+    With ``scale``, only the pixels needed are decoded: a JPEG at the smallest DCT scaling (1/2,
+    1/4, 1/8) still at least ``scale(width, height)`` of its size, other formats reduced by the
+    largest whole factor that keeps it (box averaging). ``width`` and ``height`` stay the
+    upload's own, so the result's ``image`` may be smaller than they say.
     """
     if not data:
         raise InvalidImageError(
@@ -121,6 +137,11 @@ def decode_image(
     fmt, im = _open_header(data)
     with im:
         _check_size(im.size, limits)
+        width, height = _upright_size(im)
+        needed = min(1.0, scale(width, height)) if scale is not None else 1.0
+        if needed < 1.0 and fmt == "JPEG":
+            # DCT-domain scaling: decodes 1/2, 1/4 or 1/8 of the pixels, at least the size asked.
+            im.draft(im.mode, (math.ceil(im.width * needed), math.ceil(im.height * needed)))
         try:
             im.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -134,10 +155,27 @@ def decode_image(
             ) from exc
         original_mode = im.mode
         _apply_exif_orientation(im)
-        rgb = _to_rgb(im)
+        rgb = _reduced(_to_rgb(im), math.ceil(width * needed), math.ceil(height * needed))
     return DecodedImage(
-        image=rgb, format=fmt, original_mode=original_mode, width=rgb.width, height=rgb.height
+        image=rgb, format=fmt, original_mode=original_mode, width=width, height=height
     )
+
+
+def _upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed: EXIF orientations 5 to 8 swap the stored sides."""
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except MemoryError:
+        raise
+    except Exception:  # Malformed EXIF is ignored, as by _apply_exif_orientation.
+        orientation = 1
+    return (im.height, im.width) if orientation in (5, 6, 7, 8) else im.size
+
+
+def _reduced(im: Image.Image, min_width: int, min_height: int) -> Image.Image:
+    """``im`` shrunk by the largest whole factor that keeps it at least the size given."""
+    factor = min(im.width // max(1, min_width), im.height // max(1, min_height))
+    return im.reduce(factor) if factor >= 2 else im
 
 
 def _decode_dicom(data: bytes, limits: ImageLimits, display: DisplayOptions) -> DecodedImage:

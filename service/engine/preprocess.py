@@ -59,6 +59,12 @@ class PreprocessConfig:
                     f" {self.channels} input channel(s); give one value per channel."
                 )
 
+    def scale_needed(self, width: int, height: int) -> float:
+        """The smallest scale at which an image of this size can be decoded and still only be
+        shrunk (never enlarged) by the resize (at most 1)."""
+        rw, rh, _, _ = _resize_plan(width, height, self)
+        return min(1.0, max(rw / width, rh / height))
+
     @classmethod
     def from_timm(
         cls,
@@ -172,11 +178,14 @@ def _resize_plan(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, i
     return rw, rh, left, top
 
 
-def preprocess(image: Image.Image, cfg: PreprocessConfig) -> tuple[torch.Tensor, Geometry]:
+def preprocess(
+    image: Image.Image, cfg: PreprocessConfig, size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, Geometry]:
     """Turn a PIL image into a normalised (C, H, W) float32 tensor and its geometry.
 
     C is ``cfg.channels``: 3 (RGB), or 1, where colour images become their luminance
-    (ITU-R 601-2, Pillow's ``"L"``) and grey images stay as they are.
+    (ITU-R 601-2, Pillow's ``"L"``) and grey images stay as they are. ``size`` (width, height):
+    when ``image`` is a reduced copy of an upload of that size, the geometry is the upload's.
     """
     mode = "RGB" if cfg.channels == 3 else "L"
     if image.mode != mode:
@@ -205,6 +214,8 @@ def preprocess(image: Image.Image, cfg: PreprocessConfig) -> tuple[torch.Tensor,
         offset_x=float(left),
         offset_y=float(top),
     )
+    if size is not None and size != (width, height):
+        geometry = geometry.resized(*size)
     return tensor, geometry
 
 

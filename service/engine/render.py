@@ -68,8 +68,9 @@ def overlay(
     """Blend the coloured ``heatmap`` over ``image``: ``(1 - alpha) * image + alpha * colour``.
 
     ``image`` is an RGB (or greyscale) uint8 array or a PIL image; ``heatmap`` must have the
-    image's height and width (``ValueError`` otherwise). The blend is computed in float32, then
-    rounded and clipped, so it never wraps around. Returns ``HxWx3`` uint8.
+    image's height and width (``ValueError`` otherwise). The blend is computed in 16-bit fixed
+    point (within 1 of a float blend, several times faster) and never wraps around. Returns
+    ``HxWx3`` uint8.
     """
     _lut(colormap)
     weight = _check_alpha(alpha)
@@ -82,11 +83,13 @@ def overlay(
         )
         raise ValueError(msg)
     colour = colorize(values, colormap)
-    blended = pixels.astype(np.float32)
-    blended *= np.float32(1.0 - weight)
-    blended += colour.astype(np.float32) * np.float32(weight)
-    np.clip(blended, 0.0, 255.0, out=blended)
-    np.rint(blended, out=blended)
+    # In 8.8 fixed point: (image * (256 - w) + colour * w + 128) >> 8 with w = alpha * 256,
+    # within 1 of the float blend; uint16 cannot overflow (255 * 256 + 128 < 65536).
+    w = np.uint16(round(weight * 256))
+    blended = pixels.astype(np.uint16) * (np.uint16(256) - w)
+    blended += colour.astype(np.uint16) * w
+    blended += np.uint16(128)
+    blended >>= np.uint16(8)
     return blended.astype(np.uint8)
 
 
@@ -194,7 +197,9 @@ def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 90) -> byte
     picture = Image.fromarray(np.ascontiguousarray(array))
     buffer = io.BytesIO()
     if key == "png":
-        picture.save(buffer, "PNG", compress_level=6)
+        # Level 1: about 5x faster than zlib's default 6 on a 1024x768 overlay, for about 20%
+        # more bytes (measured: bench/results/serve_cpu.md).
+        picture.save(buffer, "PNG", compress_level=1)
     elif key == "jpeg":
         # 4:4:4 keeps saturated colour edges (red on blue, coloured text) from bleeding.
         picture.save(buffer, "JPEG", quality=quality, subsampling="4:4:4")

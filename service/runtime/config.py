@@ -45,4 +45,5 @@ class RuntimeConfig:
     scorecam_max_forward_passes: ForwardPasses = 4096
     scorecam_batch_size: BatchSize = 32
     max_upsampled_side: MapSide = 1024  # upsampled=original maps are resampled to fit this
+    exact_decode: bool = False  # decode every pixel of large uploads (slower; see decode_image)
     image_limits: ImageLimits = field(default_factory=ImageLimits)

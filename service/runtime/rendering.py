@@ -26,22 +26,22 @@ def render_maps(
     model: LoadedModel,
     decoded: DecodedImage,
     maps: list[CamMap],
-    geometry: Geometry,
+    geometry: Geometry,  # in the upload's pixel coordinates
     options: OutputOptions,
     max_upsampled_side: int,
 ) -> list[RenderedMap]:
     """The renderings ``options`` ask for, for each map of one image (drawn on the image as
     displayed: a DICOM frame windowed). ``upsampled=original`` maps are resampled to fit
     ``max_upsampled_side`` (their scale says by how much)."""
-    image = decoded.image
+    image = decoded.image  # possibly decoded reduced: sizes come from the upload's own
     shown: np.ndarray | None = None
     shown_geometry = geometry
     if options.overlay != "none":
-        width, height = fit_within(image.width, image.height, OVERLAY_MAX_SIDE)
+        width, height = fit_within(decoded.width, decoded.height, OVERLAY_MAX_SIDE)
         small = image if (width, height) == image.size else image.resize((width, height))
         shown = np.asarray(small)
         shown_geometry = geometry.resized(width, height)
-    map_width, map_height = fit_within(image.width, image.height, max_upsampled_side)
+    map_width, map_height = fit_within(decoded.width, decoded.height, max_upsampled_side)
     map_geometry = geometry.resized(map_width, map_height)
     rendered: list[RenderedMap] = []
     for cam in maps:
@@ -50,7 +50,7 @@ def render_maps(
             out.upsampled = cam.input_map
         elif options.upsampled == "original":
             out.upsampled = map_to_original(cam.grid_normalized, map_geometry)
-            out.upsampled_scale = map_width / image.width
+            out.upsampled_scale = map_width / decoded.width
         if shown is not None:
             heat = map_to_original(cam.grid_normalized, shown_geometry)
             if options.overlay == "panel":

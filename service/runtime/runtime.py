@@ -29,9 +29,9 @@ import torch
 
 from service.engine.dicom_display import DisplayOptions
 from service.engine.explain import ImageRequest, check_explain_cost
-from service.engine.images import DecodedImage, decode_image
+from service.engine.images import DecodedImage, ScaleNeeded, decode_image
 from service.engine.models import LoadedModel
-from service.engine.preprocess import Geometry, preprocess
+from service.engine.preprocess import Geometry, PreprocessConfig, preprocess
 from service.engine.spec import ModelSpec, check_unique_names
 from service.errors import (
     DeadlineExceededError,
@@ -46,7 +46,7 @@ from service.runtime.batching import Batched, QueueFullError
 from service.runtime.config import RuntimeConfig
 from service.runtime.jobs import ExplainJob, ExplainOutcome, PredictJob, PredictOutcome, Timings
 from service.runtime.loading import ModelStatus, devices, load_replicas
-from service.runtime.rendering import render_maps
+from service.runtime.rendering import OVERLAY_MAX_SIDE, fit_within, render_maps
 from service.runtime.workers import Computed, ServedModel, WorkItem
 
 logger = logging.getLogger(__name__)
@@ -158,15 +158,27 @@ class Runtime:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, fn)
 
     async def decode(
-        self, blobs: Sequence[bytes], display: DisplayOptions | None = None
+        self,
+        blobs: Sequence[bytes],
+        display: DisplayOptions | None = None,
+        *,
+        model: str | None = None,
+        overlay: bool = False,
     ) -> list[DecodedImage]:
         """Decode uploads in the CPU pool (DICOM objects shown with ``display``'s window and
-        frame); an error names the image it concerns."""
+        frame); an error names the image it concerns.
+
+        For ``model``, only the pixels it needs are decoded (unless ``exact_decode``): enough
+        for its preprocessing, and for an overlay at display size if ``overlay``.
+        """
         limits = self._config.image_limits
+        scale = None
+        if model is not None and not self._config.exact_decode:
+            scale = _scale_needed(self.model(model).preprocessing, overlay)
 
         async def one(index: int, blob: bytes) -> DecodedImage:
             try:
-                return await self._on_cpu(lambda: decode_image(blob, limits, display))
+                return await self._on_cpu(lambda: decode_image(blob, limits, display, scale))
             except ServiceError as exc:
                 raise exc.for_image(index) from None
 
@@ -291,7 +303,10 @@ class Runtime:
         served.batcher.arriving += len(images)
         try:
             prepared = await asyncio.gather(
-                *(self._on_cpu(partial(preprocess, image.image, cfg)) for image in images)
+                *(
+                    self._on_cpu(partial(preprocess, image.image, cfg, (image.width, image.height)))
+                    for image in images
+                )
             )
         finally:
             # The caller queues its items right after, with no await in between.
@@ -356,6 +371,24 @@ def _load_failure(exc: Exception) -> str:
         return exc.detail
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+#: An overlay may be drawn on a decoded photo up to 5% smaller than its display size (enlarged
+#: back, invisibly): a 4032x3024 JPEG then decodes at 1/4 (1008x756), not 1/2.
+OVERLAY_DECODE_FRACTION = 0.95
+
+
+def _scale_needed(preprocessing: PreprocessConfig, overlay: bool) -> ScaleNeeded:
+    """The scale an upload must keep: for the model's resize, and for an overlay's display."""
+
+    def needed(width: int, height: int) -> float:
+        scale = preprocessing.scale_needed(width, height)
+        if overlay:
+            shown = fit_within(width, height, OVERLAY_MAX_SIDE)[0] / width
+            scale = max(scale, OVERLAY_DECODE_FRACTION * shown)
+        return scale
+
+    return needed
 
 
 def _timings(preprocess_s: float, computed: Batched[Computed], render: float = 0.0) -> Timings:

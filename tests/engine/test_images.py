@@ -239,6 +239,40 @@ def test_exif_orientation_6_is_applied_swapping_width_and_height(fmt: str, toler
     assert np.abs(arr[35, 15] - np.array(BLUE)).max() <= tolerance
 
 
+# --- reduced decoding ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "needed", "decoded_size"),
+    [
+        ("JPEG", 0.2, (300, 400)),  # DCT scaling 1/4 of 1200x1600: 300x400 >= 240x320
+        ("JPEG", 0.3, (600, 800)),  # 1/4 would be too small: 1/2
+        ("PNG", 0.2, (240, 320)),  # whole-factor reduction by 5
+        ("JPEG", 1.0, (1200, 1600)),  # every pixel asked for
+    ],
+)
+def test_reduced_decoding_keeps_the_uploads_size_orientation_and_enough_pixels(
+    fmt: str, needed: float, decoded_size: tuple[int, int]
+) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 1600x1200, shown 1200x1600
+    data = encode(left_red_right_blue(1600, 1200), fmt, exif=exif.tobytes())
+    sizes: list[tuple[int, int]] = []
+
+    def scale(width: int, height: int) -> float:
+        sizes.append((width, height))
+        return needed
+
+    decoded = decode_image(data, scale=scale)
+    assert sizes == [(1200, 1600)], "the need is asked for the upright size"
+    assert (decoded.width, decoded.height) == (1200, 1600)
+    assert decoded.image.size == decoded_size
+    arr = pixels(decoded).astype(int)
+    top, bottom = arr[decoded_size[1] // 8, decoded_size[0] // 2], arr[-decoded_size[1] // 8, 0]
+    assert np.abs(top - np.array(RED)).max() <= 40, "still turned upright"
+    assert np.abs(bottom - np.array(BLUE)).max() <= 40
+
+
 def test_image_without_exif_keeps_its_orientation() -> None:
     decoded = decode_image(encode(left_red_right_blue(), "PNG"))
     assert (decoded.width, decoded.height) == (40, 30)

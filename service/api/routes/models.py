@@ -137,11 +137,17 @@ def _model_info(runtime: Runtime, spec: ModelSpec) -> ModelInfo:
 
 
 async def _decode(
-    request: Request, runtime: Runtime, blobs: list[bytes], params: DisplayParams
+    request: Request,
+    runtime: Runtime,
+    model: LoadedModel,
+    blobs: list[bytes],
+    params: DisplayParams,
+    overlay: bool = False,
 ) -> tuple[list[DecodedImage], float]:
     """The uploaded images, decoded off the event loop, and the decode time per image."""
     started = time.perf_counter()
-    images = await until_disconnected(request, runtime.decode(blobs, params.display()))
+    decoding = runtime.decode(blobs, params.display(), model=model.name, overlay=overlay)
+    images = await until_disconnected(request, decoding)
     return images, (time.perf_counter() - started) / len(images)
 
 
@@ -211,7 +217,7 @@ async def predict(
 ) -> PredictResponse:
     """The top_k classes of each image, batched with other callers' images."""
     runtime.check_admission(model.name, len(upload.blobs), caller)
-    images, decode_s = await _decode(request, runtime, upload.blobs, upload.params)
+    images, decode_s = await _decode(request, runtime, model, upload.blobs, upload.params)
     jobs = [PredictJob(image=image) for image in images]
     outcomes = await until_disconnected(request, runtime.predict(model.name, jobs, caller))
     return answers.predict_response(model, images, outcomes, upload.params.top_k, decode_s)
@@ -236,7 +242,8 @@ async def explain(
     params = upload.params
     plan = plan_explain(model, params)
     runtime.check_admission(model.name, len(upload.blobs), caller)
-    images, decode_s = await _decode(request, runtime, upload.blobs, params)
+    overlay = params.overlay != "none"
+    images, decode_s = await _decode(request, runtime, model, upload.blobs, params, overlay)
     check_explain_size(
         model,
         params,

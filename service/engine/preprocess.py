@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from service.engine.spec import CropMode, Interpolation, PreprocessOverrides
@@ -223,23 +223,38 @@ def map_to_original(grid_map: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Resample a map covering the model input onto the original image's pixel grid.
 
     Bilinear, with pixel-centre sampling (``align_corners=False``) and edge values held out to
-    the input's border. Pixels the model never saw (cropped away, or padding in border mode) get
-    0. The result is min-max normalised to [0, 1].
+    the input's border, as ``torch.nn.functional.grid_sample`` would. Pixels the model never saw
+    (cropped away, or padding in border mode) get 0. The result is min-max normalised to [0, 1].
+
+    The mapping is axis-aligned, so it is done as two 1-D interpolations (each output pixel mixes
+    two source columns, then two source rows) in NumPy, without torch: this runs in the CPU
+    pool, and torch's OpenMP threads there would compete with the model's.
     """
     height, width = geometry.original_size
     in_h, in_w = geometry.input_size
-    xs = (torch.arange(width, dtype=torch.float32) + 0.5) * geometry.scale_x - geometry.offset_x
-    ys = (torch.arange(height, dtype=torch.float32) + 0.5) * geometry.scale_y - geometry.offset_y
-    gx = (2.0 * xs / in_w - 1.0).view(1, width).expand(height, width)
-    gy = (2.0 * ys / in_h - 1.0).view(height, 1).expand(height, width)
-    grid = torch.stack((gx, gy), dim=-1).unsqueeze(0)
-    source = torch.from_numpy(np.ascontiguousarray(grid_map, dtype=np.float32))[None, None]
-    sampled = F.grid_sample(
-        source, grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
-    seen_x = ((xs >= 0) & (xs < in_w)).view(1, width)
-    seen_y = ((ys >= 0) & (ys < in_h)).view(height, 1)
-    out = torch.where(seen_x & seen_y, sampled[0, 0], torch.zeros(()))
-    out = out - out.min()
-    out = out / (out.max() + 1e-7)
-    return out.numpy()
+    source = np.asarray(grid_map, dtype=np.float32)
+    xs = (np.arange(width, dtype=np.float32) + 0.5) * np.float32(geometry.scale_x)
+    xs -= np.float32(geometry.offset_x)
+    ys = (np.arange(height, dtype=np.float32) + 0.5) * np.float32(geometry.scale_y)
+    ys -= np.float32(geometry.offset_y)
+    x0, x1, wx = _bilinear_taps(xs * np.float32(source.shape[1] / in_w) - 0.5, source.shape[1])
+    y0, y1, wy = _bilinear_taps(ys * np.float32(source.shape[0] / in_h) - 0.5, source.shape[0])
+    rows = source[y0] * (1 - wy)[:, None] + source[y1] * wy[:, None]  # (height, grid width)
+    out = rows[:, x0] * (1 - wx) + rows[:, x1] * wx
+    seen_x = (xs >= 0) & (xs < in_w)
+    seen_y = (ys >= 0) & (ys < in_h)
+    out *= seen_y[:, None] & seen_x[None, :]
+    out -= out.min()
+    out /= out.max() + np.float32(1e-7)
+    return out.astype(np.float32, copy=False)
+
+
+def _bilinear_taps(
+    coords: npt.NDArray[np.float32], size: int
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.float32]]:
+    """Source indices on either side of each coordinate and the weight of the second, with
+    coordinates held to [0, size - 1] (grid_sample's border padding)."""
+    clamped = np.clip(coords, 0, size - 1)
+    low = np.floor(clamped).astype(np.intp)
+    high = np.minimum(low + 1, size - 1)
+    return low, high, (clamped - low).astype(np.float32)

@@ -19,7 +19,7 @@ from timm.data import resolve_model_data_config
 
 from service.engine.loading import load_model
 from service.engine.models import LoadedModel
-from service.engine.preprocess import PreprocessConfig, map_to_original, preprocess
+from service.engine.preprocess import Geometry, PreprocessConfig, map_to_original, preprocess
 from service.engine.spec import ModelSpec, PreprocessOverrides
 from service.errors import ModelLoadError, UnknownTargetError
 
@@ -460,3 +460,40 @@ def test_unsupported_in_chans_fails_at_load_saying_what_is_supported(in_chans: i
     spec = _spec("random", model_kwargs={**SMALL, "in_chans": in_chans})
     with pytest.raises(ModelLoadError, match=r"in_chans=\d is not supported.*\{in_chans: 1\}"):
         load_model(spec, CPU, warmup=False)
+
+
+def _grid_sample_reference(grid_map: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """map_to_original as torch's grid_sample does it (bilinear, border, align_corners=False)."""
+    height, width = geometry.original_size
+    in_h, in_w = geometry.input_size
+    xs = (torch.arange(width, dtype=torch.float32) + 0.5) * geometry.scale_x - geometry.offset_x
+    ys = (torch.arange(height, dtype=torch.float32) + 0.5) * geometry.scale_y - geometry.offset_y
+    gx = (2.0 * xs / in_w - 1.0).view(1, width).expand(height, width)
+    gy = (2.0 * ys / in_h - 1.0).view(height, 1).expand(height, width)
+    grid = torch.stack((gx, gy), dim=-1).unsqueeze(0)
+    source = torch.from_numpy(np.ascontiguousarray(grid_map, dtype=np.float32))[None, None]
+    sampled = torch.nn.functional.grid_sample(
+        source, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    seen = ((ys >= 0) & (ys < in_h)).view(height, 1) & ((xs >= 0) & (xs < in_w)).view(1, width)
+    out = torch.where(seen, sampled[0, 0], torch.zeros(()))
+    out = out - out.min()
+    return (out / (out.max() + 1e-7)).numpy()
+
+
+def test_map_to_original_equals_torch_grid_sample_on_random_geometries() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        grid_h, grid_w = (int(v) for v in rng.integers(1, 20, 2))
+        geometry = Geometry(
+            original_size=(int(rng.integers(1, 300)), int(rng.integers(1, 300))),
+            input_size=(int(rng.integers(8, 300)), int(rng.integers(8, 300))),
+            scale_x=float(rng.uniform(0.1, 3)),
+            scale_y=float(rng.uniform(0.1, 3)),
+            offset_x=float(rng.uniform(-50, 50)),
+            offset_y=float(rng.uniform(-50, 50)),
+        )
+        grid_map = rng.random((grid_h, grid_w)).astype(np.float32)
+        ours = map_to_original(grid_map, geometry)
+        assert ours.dtype == np.float32
+        np.testing.assert_allclose(ours, _grid_sample_reference(grid_map, geometry), atol=1e-5)

@@ -11,6 +11,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -46,6 +47,40 @@ def _default_models() -> list[ModelSpec]:
     return [
         ModelSpec(name="resnet50", architecture="resnet50", weights="hub", fallback_to_random=True)
     ]
+
+
+def browser_origin(value: str) -> str:
+    """``value`` as the exact origin a browser sends (``scheme://host[:port]``): scheme and host
+    lower-cased, a default port and a trailing ``/`` dropped. ``ValueError`` for anything else
+    (a path, a query, credentials, a wildcard, ``null``), so a typo fails at start-up instead of
+    never matching."""
+    text = value.strip()
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if (
+        parts.scheme.lower() not in ("http", "https")
+        or not parts.hostname
+        or "*" in text
+        or port == -1
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or text.endswith(("?", "#"))
+    ):
+        raise ValueError(
+            f"{value!r} is not an origin; write scheme://host[:port], e.g."
+            " https://app.example.org or http://localhost:3000 (no path, no wildcard)"
+        )
+    scheme = parts.scheme.lower()
+    host = parts.hostname.lower()
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    default_port = 443 if scheme == "https" else 80
+    return f"{scheme}://{host}" + (f":{port}" if port not in (None, default_port) else "")
 
 
 def validation_summary(exc: ValidationError, *, as_variables: bool = False) -> str:
@@ -184,6 +219,13 @@ class Settings(BaseSettings):
         " added to GRADCAM_API_KEYS.",
     )
 
+    # ---------------------------------------------------------------- browsers
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins whose pages may call the API from a browser (CORS), exactly as the"
+        " browser sends them, e.g. https://app.example.org. Empty: no cross-origin access.",
+    )
+
     # ---------------------------------------------------------------- request limits
     max_upload_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1024, description="Largest request body accepted (413)."
@@ -227,6 +269,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, values: list[str]) -> list[str]:
+        return list(dict.fromkeys(browser_origin(value) for value in values))
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:

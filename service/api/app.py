@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from service.api import openapi
 from service.api.auth import AuthMiddleware, KeyRing, access_summary
 from service.api.middleware import (
+    CorsMiddleware,
     ObservabilityMiddleware,
     ProblemGuardMiddleware,
     SecurityHeadersMiddleware,
@@ -127,6 +128,7 @@ def create_app(
     app.add_middleware(ProblemGuardMiddleware)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(CorsMiddleware, origins=settings.cors_origins)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, label_callers=keys.enabled)
     app.add_middleware(SecurityHeadersMiddleware)
     return app

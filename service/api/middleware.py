@@ -4,10 +4,13 @@
    route chose its own caching (answers may hold clinical images);
 1. :class:`ObservabilityMiddleware`: in-flight gauge, request count and latency by route
    template, and one access-log line per request (``service.access``);
-2. :class:`~service.api.auth.AuthMiddleware`: the caller's id; 401 without a valid API key;
-3. :class:`UploadLimitMiddleware`: 413 before the body is read when Content-Length is too large,
+2. :class:`CorsMiddleware`: cross-origin access for the origins in ``GRADCAM_CORS_ORIGINS``,
+   outside authentication (a preflight carries no key) and the limits, so that their error
+   answers reach a browser on those origins too;
+3. :class:`~service.api.auth.AuthMiddleware`: the caller's id; 401 without a valid API key;
+4. :class:`UploadLimitMiddleware`: 413 before the body is read when Content-Length is too large,
    and while reading when a streamed body grows past the limit;
-4. :class:`ProblemGuardMiddleware`: turns anything that escaped the handlers into a problem
+5. :class:`ProblemGuardMiddleware`: turns anything that escaped the handlers into a problem
    response (a generic 500 for the unexpected), so no traceback ever reaches a client.
 """
 
@@ -20,11 +23,18 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.disconnects import ClientDisconnectedError
-from service.api.problems import problem_response, service_problem, unhandled_error_handler
+from service.api.problems import (
+    http_problem,
+    problem_response,
+    service_problem,
+    unhandled_error_handler,
+)
 from service.errors import PayloadTooLargeError, ServiceError
 from service.metrics import Metrics
 
@@ -45,6 +55,42 @@ def upload_too_large(max_bytes: int) -> PayloadTooLargeError:
         f"The request body is larger than the limit of {max_bytes} bytes"
         f" ({mib:.1f} MiB); send smaller or fewer images."
     )
+
+
+#: What a page on an allowed origin may send, and which response headers its script may read
+#: (besides the CORS-safelisted ones): when to retry, and that an API key is required.
+CORS_METHODS: tuple[str, ...] = ("GET", "POST")
+CORS_REQUEST_HEADERS: tuple[str, ...] = ("Authorization", "X-API-Key", "Content-Type")
+CORS_EXPOSED_HEADERS: tuple[str, ...] = ("Retry-After", "WWW-Authenticate")
+
+
+class CorsMiddleware(CORSMiddleware):
+    """Starlette's CORS for exact ``origins``, never with credentials (API keys travel in the
+    ``Authorization`` header, not cookies); a refused preflight is a problem like any error."""
+
+    def __init__(self, app: ASGIApp, origins: list[str]) -> None:
+        super().__init__(
+            app,
+            allow_origins=origins,
+            allow_methods=CORS_METHODS,
+            allow_headers=CORS_REQUEST_HEADERS,
+            allow_credentials=False,
+            expose_headers=CORS_EXPOSED_HEADERS,
+            max_age=600,
+        )
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        detail = (
+            f"This cross-origin request is refused ({refused} not allowed): the service"
+            " accepts pages from the origins in GRADCAM_CORS_ORIGINS, the methods"
+            f" {' and '.join(CORS_METHODS)}, and the headers {', '.join(CORS_REQUEST_HEADERS)}."
+        )
+        vary = {"Vary": response.headers["vary"]} if "vary" in response.headers else None
+        return problem_response(http_problem(400, detail, None), headers=vary)
 
 
 class UploadLimitMiddleware:

@@ -180,6 +180,20 @@ _HTTP_CODES = {
 }
 
 
+def http_problem(status: int, detail: str, instance: str | None) -> Problem:
+    """A problem for an HTTP-level error that no domain error stands for (unknown route, wrong
+    method, a refused CORS preflight): the status's phrase as title, a generic code."""
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    return Problem(
+        type="about:blank",
+        title=phrase,
+        status=status,
+        detail=detail,
+        code=_HTTP_CODES.get(status, f"http_{status}"),
+        instance=instance,
+    )
+
+
 async def http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
     """Starlette's own errors: unknown route, wrong method, malformed form data."""
     assert isinstance(exc, StarletteHTTPException)
@@ -195,15 +209,7 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
         detail = exc.detail
     else:
         detail = phrase + "."
-    problem = Problem(
-        type="about:blank",
-        title=phrase,
-        status=status,
-        detail=detail,
-        code=_HTTP_CODES.get(status, f"http_{status}"),
-        instance=request.url.path,
-    )
-    return problem_response(problem, headers=exc.headers)
+    return problem_response(http_problem(status, detail, request.url.path), headers=exc.headers)
 
 
 def internal_problem(instance: str | None) -> Problem:

@@ -147,3 +147,31 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     for name in Settings.model_fields:
         assert f"`GRADCAM_{name.upper()}`" in readme, f"README lacks GRADCAM_{name.upper()}"
+
+
+def test_cors_origins_are_read_as_exact_browser_origins(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().cors_origins == []
+    monkeypatch.setenv(
+        "GRADCAM_CORS_ORIGINS",
+        '["https://App.Example.org/", "http://localhost:3000", "https://app.example.org:443"]',
+    )
+    assert Settings().cors_origins == ["https://app.example.org", "http://localhost:3000"]
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "*",
+        "null",
+        "https://*.example.org",
+        "example.org",
+        "ftp://example.org",
+        "https://example.org/app",
+        "https://example.org?x=1",
+        "https://user@example.org",
+        "https://example.org:99999",
+    ],
+)
+def test_cors_origins_that_a_browser_never_sends_are_refused(origin: str) -> None:
+    with pytest.raises(ValidationError, match="is not an origin"):
+        Settings(cors_origins=[origin])

@@ -21,6 +21,7 @@ from service.api.responses import (
     Explanation,
     ImageExplanation,
     ImagePrediction,
+    InputBox,
     LayerList,
     LayerSchema,
     MapArray,
@@ -42,6 +43,7 @@ from service.engine.explain import CamMap
 from service.engine.images import DecodedImage
 from service.engine.layers import LayerInfo
 from service.engine.models import LoadedModel
+from service.engine.preprocess import Geometry
 from service.engine.spec import ModelSpec
 from service.errors import ServiceNotReadyError
 from service.runtime.jobs import ExplainOutcome, PredictOutcome, RenderedMap, Timings
@@ -126,6 +128,11 @@ def original_image(image: DecodedImage) -> OriginalImage:
         format=image.format,
         dicom=dicom,
     )
+
+
+def input_box(geometry: Geometry) -> InputBox:
+    left, top, right, bottom = geometry.input_box()
+    return InputBox(left=left, top=top, right=right, bottom=bottom)
 
 
 def _ms(seconds: float) -> float:
@@ -270,6 +277,7 @@ def explain_response(
             ImageExplanation(
                 index=i,
                 original=original_image(image),
+                input_box=input_box(outcome.geometry),
                 predictions=top_predictions(model, outcome.probabilities, listed),
                 explanations=[_explanation(model, rendered, params) for rendered in outcome.maps],
                 warnings=image_warnings(model, outcome, params),

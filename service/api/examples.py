@@ -122,6 +122,8 @@ _PREDICT_RESPONSE = _answer(
     timings={**_TIMINGS, "compute_ms": 18.0, "render_ms": 0.0, "batch_size": 2},
 )
 _EXPLAIN_RESPONSE = _answer(
+    # resnet50's 224x224 centre crop (crop_pct 0.95) of the 640x480 upload
+    input_box={"left": 89.97, "top": 12.26, "right": 547.99, "bottom": 469.79},
     predictions=[_TABBY],
     explanations=[
         {

@@ -246,9 +246,24 @@ class Explanation(BaseModel):
     )
 
 
+class InputBox(BaseModel):
+    """Where the model's input lies on the uploaded image, in the image's pixel coordinates
+    ((0, 0) is its top-left corner). Every map's grid spans this box: parts of the image outside
+    it were cropped away; where it reaches past the image, the input was padding."""
+
+    left: float
+    top: float
+    right: float
+    bottom: float
+
+
 class ImageExplanation(BaseModel):
     index: int = Field(description="0-based position of the image in the request.")
     original: OriginalImage
+    input_box: InputBox = Field(
+        description="Where the model's input, hence each map's grid, lies on the uploaded"
+        " image: what a client needs to resize the feature-grid maps onto the image itself."
+    )
     predictions: list[Prediction]
     explanations: list[Explanation] = Field(description="Ordered by target, then layer.")
     warnings: list[str] = Field(

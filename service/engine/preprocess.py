@@ -143,14 +143,21 @@ class Geometry:
             offset_y=self.offset_y,
         )
 
-    def crop_box(self) -> tuple[float, float, float, float]:
-        """The input's box in original pixel coordinates: (left, top, right, bottom), clipped."""
-        h, w = self.original_size
-        left = max(0.0, self.offset_x / self.scale_x)
-        top = max(0.0, self.offset_y / self.scale_y)
-        right = min(float(w), (self.offset_x + self.input_size[1]) / self.scale_x)
-        bottom = min(float(h), (self.offset_y + self.input_size[0]) / self.scale_y)
+    def input_box(self) -> tuple[float, float, float, float]:
+        """The input's box in original pixel coordinates: (left, top, right, bottom), not
+        clipped (in border mode it reaches past the image, over the padding). A map on the
+        input, or on a feature grid, spans exactly this box."""
+        left = self.offset_x / self.scale_x
+        top = self.offset_y / self.scale_y
+        right = (self.offset_x + self.input_size[1]) / self.scale_x
+        bottom = (self.offset_y + self.input_size[0]) / self.scale_y
         return (left, top, right, bottom)
+
+    def crop_box(self) -> tuple[float, float, float, float]:
+        """The input's box in original pixel coordinates, clipped to the image."""
+        h, w = self.original_size
+        left, top, right, bottom = self.input_box()
+        return (max(0.0, left), max(0.0, top), min(float(w), right), min(float(h), bottom))
 
 
 def _resize_plan(width: int, height: int, cfg: PreprocessConfig) -> tuple[int, int, int, int]:

@@ -195,6 +195,28 @@ def test_explain_default_layer_and_top_class(client: TestClient, png: bytes) -> 
     assert result["timings"]["render_ms"] >= 0
 
 
+def test_explain_says_where_the_maps_lie_on_the_image(client: TestClient, png: bytes) -> None:
+    """An 80x60 upload, centre-cropped to the tiny model's square input: the input's box is
+    the middle 60x60 pixels, and the map resized onto the image is zero outside it only."""
+    response = client.post(
+        "/v1/models/tiny/explain",
+        files=_files(png),
+        data={"upsampled": "original", "threshold": "0.5", "overlay": "none"},
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    box = result["input_box"]
+    assert (box["top"], box["bottom"]) == pytest.approx((0.0, 60.0))
+    assert box["right"] - box["left"] == pytest.approx(60.0, abs=1.5)
+    assert (box["left"] + box["right"]) / 2 == pytest.approx(40.0, abs=1.0)
+    upsampled = _array(result["explanations"][0]["upsampled"])
+    centres = np.arange(80) + 0.5
+    seen = (centres >= box["left"]) & (centres < box["right"])
+    assert 56 <= seen.sum() <= 62
+    assert (upsampled[:, ~seen] == 0).all()
+    assert (upsampled[:, seen] > 0).all()  # the 0.5 floor: every seen pixel has a value
+
+
 def test_explain_every_target_and_layer_in_order(client: TestClient, png: bytes) -> None:
     response = client.post(
         "/v1/models/tiny/explain",

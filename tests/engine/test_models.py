@@ -356,6 +356,25 @@ def test_a_region_of_the_input_maps_back_onto_the_same_region_of_a_non_square_im
         assert abs(got - want) <= 2
 
 
+def test_in_border_mode_the_input_box_reaches_over_the_padding() -> None:
+    """A 300x200 image fitted into 224x224 with padding above and below: the input's box spans
+    the image's width and 300 original pixels of height, centred; the crop box is the image."""
+    config = PreprocessConfig(
+        input_size=(224, 224),
+        interpolation="bilinear",
+        crop_pct=1.0,
+        crop_mode="border",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    )
+    _, geometry = preprocess(Image.new("RGB", (300, 200), "gray"), config)
+    left, top, right, bottom = geometry.input_box()
+    assert (left, right) == pytest.approx((0.0, 300.0))
+    assert bottom - top == pytest.approx(300.0, abs=1.5)
+    assert (top + bottom) / 2 == pytest.approx(100.0, abs=1.5)
+    assert geometry.crop_box() == pytest.approx((0.0, 0.0, 300.0, 200.0))
+
+
 def test_a_corner_of_the_input_lands_in_the_matching_corner_of_the_crop_window() -> None:
     """Center crop of a 300x200 (wide) image: the top-left input corner is at the left edge of
     the crop window, not of the image, and the cropped-away side strips are zero."""
@@ -370,6 +389,7 @@ def test_a_corner_of_the_input_lands_in_the_matching_corner_of_the_crop_window()
     _, geometry = preprocess(Image.new("RGB", (300, 200), "gray"), config)
     # Shorter side 200 -> 224 (x1.12); width 336, crop 56 px off each side = 50 original px.
     assert geometry.crop_box() == pytest.approx((50.0, 0.0, 250.0, 200.0))
+    assert geometry.input_box() == geometry.crop_box()
     corner = np.zeros((224, 224), dtype=np.float32)
     corner[:56, :56] = 1.0  # the top-left quarter of the input, 50x50 original pixels
     back = map_to_original(corner, geometry)

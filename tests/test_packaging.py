@@ -8,6 +8,7 @@ it vendors.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shlex
@@ -402,3 +403,15 @@ def test_the_readmes_models_files_are_valid_model_specs() -> None:
     assert any(entry.get("model_kwargs", {}).get("in_chans") == 1 for entry in entries)
     for entry in entries:
         spec.ModelSpec.model_validate(entry)
+
+
+def test_the_page_ships_in_the_package() -> None:
+    """Every file of service/api/static is package data, so a wheel serves the page too."""
+    patterns = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]["package-data"]
+    package = ROOT / "service"
+    static = sorted((package / "api" / "static").iterdir())
+    assert static
+    for path in static:
+        relative = path.relative_to(package).as_posix()
+        assert path.is_file(), f"{relative}: package data globs do not descend into folders"
+        assert any(fnmatch.fnmatchcase(relative, p) for p in patterns["service"]), relative

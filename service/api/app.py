@@ -2,7 +2,8 @@
 
 ``create_app`` is what the CLI serves and the tests build. Models start loading when the app
 starts (its lifespan). Middleware (:mod:`service.api.middleware`) wraps, from the outside in:
-observability, the upload size limit, and the problem guard.
+security headers, observability, CORS, API keys, the upload size limit, and the problem
+guard. The page at ``/`` and its assets come from :mod:`service.api.routes.page`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from service.api.middleware import (
     UploadLimitMiddleware,
 )
 from service.api.problems import install_problem_handlers
-from service.api.routes import health, models
+from service.api.routes import health, models, page
 from service.config import Settings, get_settings
 from service.metrics import Metrics
 from service.runtime.runtime import Runtime
@@ -124,6 +125,7 @@ def create_app(
     install_problem_handlers(app)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(page.router)
     # Added innermost first: the last one added wraps all the others.
     app.add_middleware(ProblemGuardMiddleware)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)

@@ -1,0 +1,113 @@
+"""The page at ``/``: a browser front end to the API, served from the package.
+
+Plain HTML, CSS and JavaScript modules in ``service/api/static`` (no build step, nothing from
+another host), sent with a strict Content-Security-Policy. What the page must know of the
+service, the colour maps above all, it reads from ``/ui/options.json``, built here from the
+engine's own tables so that its re-rendered overlays look like the server's. None of these
+routes is an API operation: they are left out of the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Final
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.api.requests import ExplainParams
+from service.engine._colormaps import LUTS
+from service.engine.methods import METHOD_NAMES, METHODS
+from service.engine.render import COLORMAPS, DEFAULT_COLORMAP
+
+#: The page's scripts, styles and icon come from this origin only; it calls no other host and
+#: runs no inline script. Images are drawn on canvases from fetched bytes (no img-src needed
+#: beyond the icon).
+CONTENT_SECURITY_POLICY: Final = "; ".join(
+    (
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self'",
+        "connect-src 'self'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    )
+)
+PAGE_HEADERS: Final = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+_MEDIA_TYPES: Final = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+}
+
+
+@dataclass(frozen=True)
+class Asset:
+    body: bytes
+    media_type: str
+    etag: str
+
+
+@cache
+def assets() -> dict[str, Asset]:
+    """Every file of ``service/api/static`` by name, read once from the installed package."""
+    found: dict[str, Asset] = {}
+    for entry in (resources.files("service.api") / "static").iterdir():
+        suffix = "." + entry.name.rsplit(".", 1)[-1] if "." in entry.name else ""
+        if entry.is_file() and suffix in _MEDIA_TYPES:
+            body = entry.read_bytes()
+            etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+            found[entry.name] = Asset(body, _MEDIA_TYPES[suffix], etag)
+    return found
+
+
+def page_options() -> dict[str, Any]:
+    """What the page needs to know of the service to offer its choices and redraw overlays."""
+    return {
+        "methods": [
+            {"name": name, "description": METHODS[name].description} for name in METHOD_NAMES
+        ],
+        "colormaps": {name: LUTS[name].tobytes().hex() for name in COLORMAPS},
+        "default_colormap": DEFAULT_COLORMAP,
+        "default_alpha": ExplainParams.model_fields["alpha"].default,
+    }
+
+
+def _send(request: Request, asset: Asset) -> Response:
+    headers = {**PAGE_HEADERS, "ETag": asset.etag}
+    if request.headers.get("if-none-match") == asset.etag:
+        return Response(status_code=304, headers=headers)
+    return Response(asset.body, media_type=asset.media_type, headers=headers)
+
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/")
+async def page(request: Request) -> Response:
+    return _send(request, assets()["index.html"])
+
+
+@router.get("/ui/options.json")
+async def options() -> JSONResponse:
+    return JSONResponse(page_options(), headers=PAGE_HEADERS)
+
+
+@router.get("/ui/{name}")
+async def asset(request: Request, name: str) -> Response:
+    found = assets().get(name)
+    if found is None or name == "index.html":
+        raise StarletteHTTPException(404)
+    return _send(request, found)

@@ -334,21 +334,31 @@ def test_ci_run_runs_the_readme_test_command() -> None:
         assert step in ci_text, f"README test step {step!r} is not run by .ci/run"
 
 
-def _fake_venv(root: Path, pytest_exit: int) -> Path:
-    """A .venv whose tools only record their calls, and whose pytest exits as told."""
+def _recorder(path: Path, tool: str, log: Path, then: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n{then}')
+    path.chmod(0o755)
+
+
+def _fake_venv(root: Path, pytest_exit: int, chromium: bool = True) -> Path:
+    """A .venv whose tools only record their calls, and whose pytest exits as told (recording
+    whether the browser tests were required); an ``apt-get`` that records its calls; a
+    Chromium, or not."""
     log = root / "calls.log"
-    bin_dir = root / ".venv" / "bin"
-    bin_dir.mkdir(parents=True)
     for tool in ("pip", "ruff", "mypy", "hadolint"):
-        script = bin_dir / tool
-        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n')
-        script.chmod(0o755)
-    python = bin_dir / "python"
-    python.write_text(
-        f'#!/bin/sh\necho "python $*" >> "{log}"\n'
-        f'if [ "$1 $2" = "-m pytest" ]; then exit {pytest_exit}; fi\n'
+        _recorder(root / ".venv" / "bin" / tool, tool, log)
+    _recorder(
+        root / ".venv" / "bin" / "python",
+        "python",
+        log,
+        f'if [ "$1 $2" = "-m pytest" ]; then\n'
+        f'  echo "browser required: $GRADCAM_TEST_REQUIRE_BROWSER" >> "{log}"\n'
+        f"  exit {pytest_exit}\n"
+        f"fi\n",
     )
-    python.chmod(0o755)
+    _recorder(root / "fake-bin" / "apt-get", "apt-get", log)
+    if chromium:
+        _recorder(root / "chromium", "chromium", log)
     (root / ".ci").mkdir()
     shutil.copy2(CI_RUN, root / ".ci" / "run")
     return log
@@ -363,7 +373,11 @@ def _run_ci(root: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         check=False,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "CI": "true"},
+        env={
+            "PATH": f"{root / 'fake-bin'}:/usr/bin:/bin",
+            "CI": "true",
+            "GRADCAM_TEST_CHROMIUM": str(root / "chromium"),
+        },
     )
 
 
@@ -375,6 +389,7 @@ def test_ci_run_runs_tests_then_linters_type_checker_and_hadolint(tmp_path: Path
     assert [call.strip() for call in log.read_text().splitlines()] == [
         "pip install -e .[test,dev]",
         "python -m pytest",
+        "browser required: 1",
         "ruff check .",
         "ruff format --check .",
         "mypy",
@@ -403,6 +418,19 @@ def test_the_readmes_models_files_are_valid_model_specs() -> None:
     assert any(entry.get("model_kwargs", {}).get("in_chans") == 1 for entry in entries)
     for entry in entries:
         spec.ModelSpec.model_validate(entry)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_ci_run_installs_chromium_with_apt_when_it_is_missing(tmp_path: Path) -> None:
+    log = _fake_venv(tmp_path, pytest_exit=0, chromium=False)
+    result = _run_ci(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = [call.strip() for call in log.read_text().splitlines()]
+    assert calls[:2] == [
+        "apt-get update",
+        "apt-get install -y --no-install-recommends chromium",
+    ]
+    assert calls.index("python -m pytest") > 1
 
 
 def test_the_page_ships_in_the_package() -> None:

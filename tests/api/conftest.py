@@ -97,6 +97,11 @@ def tiny_spec() -> ModelSpec:
 
 
 @pytest.fixture(scope="session")
+def vit_spec() -> ModelSpec:
+    return VIT
+
+
+@pytest.fixture(scope="session")
 def make_image() -> ImageFactory:
     """``make_image(width=80, height=60, fmt="PNG", seed=0, mode="RGB") -> bytes``."""
     return image_bytes

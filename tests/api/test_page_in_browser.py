@@ -1,0 +1,635 @@
+"""The page at ``/`` in a real headless Chromium, driven by Playwright, against a real server.
+
+One uvicorn server (on a free loopback port, in a thread) and one browser serve the whole
+module; each test gets a fresh browser context. The server has the trained shapes classifier
+(real weights, so no warning) and a random-weight ViT.
+
+Chromium is Debian's (``apt-get install chromium``; Playwright's own browser download is not
+used). Without it, or without the ``playwright`` package, the module is skipped, unless
+``GRADCAM_TEST_REQUIRE_BROWSER=1`` (as ``.ci/run`` sets) makes that a failure.
+``GRADCAM_TEST_CHROMIUM`` names another Chromium executable. Screenshots are saved under
+``GRADCAM_TEST_ARTIFACTS`` (default: a pytest temporary folder, printed); with
+``GRADCAM_UPDATE_SCREENSHOT=1`` the upload test also writes the README's ``docs/page.png``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.app import create_app
+from service.engine.models import LoadedModel
+from service.engine.spec import ModelSpec
+
+CHROMIUM = Path(os.environ.get("GRADCAM_TEST_CHROMIUM", "/usr/bin/chromium"))
+REQUIRED = os.environ.get("GRADCAM_TEST_REQUIRE_BROWSER") == "1"
+README_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "page.png"
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRED:
+        pytest.fail(f"{reason} (GRADCAM_TEST_REQUIRE_BROWSER=1)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+try:
+    from playwright.sync_api import Browser, ConsoleMessage, Page, Request, sync_playwright
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+except ImportError:
+    _unavailable("the playwright package is not installed: pip install -e '.[test]'")
+if not CHROMIUM.is_file():
+    _unavailable(f"no Chromium at {CHROMIUM}: apt-get install chromium (or GRADCAM_TEST_CHROMIUM)")
+
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 800}
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+def _listening_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class _FrontendPage(BaseHTTPRequestHandler):
+    """Any GET: an empty page, standing for a frontend on another origin."""
+
+    def do_GET(self) -> None:
+        body = b"<!doctype html><title>frontend</title>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class PostRecorder:
+    """ASGI wrapper keeping the path and body of every POST the server receives (Playwright
+    cannot show the body of a multipart request that carries a file)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.posts: list[tuple[str, bytes]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+
+        async def recording() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self.posts.append((scope["path"], b"".join(chunks)))
+            return message
+
+        await self.app(scope, recording, send)
+
+
+@dataclass(frozen=True)
+class Servers:
+    base: str  # the service, serving the page
+    allowed: str  # a frontend origin in GRADCAM_CORS_ORIGINS
+    other: str  # a frontend origin that is not
+    recorder: PostRecorder
+
+    def last_post(self) -> tuple[str, dict[str, list[str]]]:
+        """Path and text fields of the last POST the service received."""
+        path, body = self.recorder.posts[-1]
+        return path, _form(body)
+
+
+@pytest.fixture(scope="module")
+def servers(
+    shapes_model: LoadedModel, vit_spec: ModelSpec, settings_factory: Callable[..., Any]
+) -> Iterator[Servers]:
+    frontends = [ThreadingHTTPServer(("127.0.0.1", 0), _FrontendPage) for _ in range(2)]
+    allowed, other = (f"http://127.0.0.1:{f.server_address[1]}" for f in frontends)
+    sock = _listening_socket()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    settings = settings_factory(
+        models=[shapes_model.spec, vit_spec], cors_origins=[allowed], max_upload_bytes=4 << 20
+    )
+    recorder = PostRecorder(create_app(settings))
+    server = uvicorn.Server(uvicorn.Config(recorder, log_config=None))
+    threads = [threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)]
+    threads += [threading.Thread(target=f.serve_forever, daemon=True) for f in frontends]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        yield Servers(base, allowed, other, recorder)
+    finally:
+        server.should_exit = True
+        for frontend in frontends:
+            frontend.shutdown()
+            frontend.server_close()
+        for thread in threads:
+            thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"]
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = os.environ.get("GRADCAM_TEST_ARTIFACTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("page-screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+@dataclass
+class Session:
+    """A page on the service, with what it logged and every request it made."""
+
+    page: Page
+    base: str
+    artifacts: Path
+    console_errors: list[str] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+
+    def load(self) -> None:
+        """Open the page and wait until it has its models (or say what its console said)."""
+        self.page.goto(self.base + "/")
+        try:
+            self.page.wait_for_selector("body[data-state=ready]", timeout=10_000)
+        except PlaywrightTimeoutError:
+            raise AssertionError(f"the page never got ready: {self.console_errors}") from None
+
+    def screenshot(self, name: str) -> Path:
+        path = self.artifacts / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        print(f"screenshot: {path}")
+        return path
+
+    def upload(self, data: bytes, name: str = "shape.png", mime: str = "image/png") -> None:
+        self.page.set_input_files(
+            "[data-testid=upload]", files=[{"name": name, "mimeType": mime, "buffer": data}]
+        )
+
+    def wait_explained(self, count: int) -> None:
+        self.page.wait_for_selector(f'[data-testid=overlay][data-explained="{count}"]')
+
+    def api_calls(self) -> list[Request]:
+        return [r for r in self.requests if r.url.startswith(f"{self.base}/v1/")]
+
+    def canvas(self, testid: str = "overlay") -> np.ndarray:
+        """The canvas's pixels, read back losslessly as PNG (RGB)."""
+        url = self.page.eval_on_selector(
+            f"[data-testid={testid}], #{testid}", "c => c.toDataURL('image/png')"
+        )
+        png = base64.b64decode(url.split(",", 1)[1])
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def _open(browser: Browser, servers: Servers, artifacts: Path, viewport: dict[str, int]) -> Any:
+    context = browser.new_context(viewport=viewport, accept_downloads=True)  # type: ignore[arg-type]
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    session = Session(page, servers.base, artifacts)
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            session.console_errors.append(message.text)
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: session.console_errors.append(f"pageerror: {error}"))
+    page.on("request", lambda request: session.requests.append(request))
+    return context, session
+
+
+@pytest.fixture
+def session(browser: Browser, servers: Servers, artifacts: Path) -> Iterator[Session]:
+    context, opened = _open(browser, servers, artifacts, DESKTOP)
+    opened.load()
+    yield opened
+    context.close()
+
+
+def _shape(make_shapes: Callable[[int, torch.Generator], Any], label: int, size: int) -> bytes:
+    """A synthetic shape the shapes classifier knows (0 square, 1 cross, 2 disk) as a PNG,
+    scaled up from 64x64 so that it looks like a picture on the page."""
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(50):
+        shapes = make_shapes(1, generator)
+        if int(shapes.labels[0]) == label:
+            break
+    pixels = (shapes.images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    picture = Image.fromarray(pixels).resize((size, size), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def square(make_shapes_fn: Callable[[int, torch.Generator], Any]) -> bytes:
+    return _shape(make_shapes_fn, 0, 256)
+
+
+def _form(body: bytes) -> dict[str, list[str]]:
+    """The text fields of a multipart body the page sent."""
+    fields: dict[str, list[str]] = {}
+    for name, value in re.findall(rb'name="([^"]+)"\r\n\r\n(.*?)\r\n--', body, flags=re.S):
+        fields.setdefault(name.decode(), []).append(value.decode(errors="replace"))
+    return fields
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_uploading_an_image_shows_its_overlay_and_predictions(
+    session: Session, square: bytes
+) -> None:
+    session.upload(square)
+    session.wait_explained(1)
+    page = session.page
+    page.select_option("[data-testid=layer]", "layer2")
+    session.wait_explained(2)
+
+    overlay = session.canvas()
+    original = session.canvas("original")
+    assert overlay.shape == original.shape == (256, 256, 3)
+    assert overlay.std() > 20, "the overlay is blank"
+    assert np.abs(overlay - original).mean() > 10, "the overlay is the bare image"
+    predictions = page.locator("[data-testid=predictions] li")
+    assert predictions.count() == 3
+    assert re.fullmatch(r"square\s*\d+\.\d %", predictions.first.inner_text())
+    assert (
+        page.locator("[data-testid=predictions] [aria-pressed=true]")
+        .inner_text()
+        .startswith("square")
+    )
+    assert page.locator("[data-testid=warnings]").is_hidden()  # trained weights: no warning
+    assert page.locator("[data-testid=timings] tr").count() == 6
+    session.screenshot("upload-1280x800")
+    if os.environ.get("GRADCAM_UPDATE_SCREENSHOT") == "1":
+        README_SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(README_SCREENSHOT))
+
+
+def test_moving_alpha_redraws_the_overlay_without_a_request(
+    session: Session, square: bytes
+) -> None:
+    session.upload(square)
+    session.wait_explained(1)
+    page = session.page
+    calls = len(session.api_calls())
+    renders = int(page.get_attribute("[data-testid=overlay]", "data-renders") or 0)
+    before = session.canvas()
+
+    page.focus("[data-testid=alpha]")
+    page.keyboard.press("End")  # alpha 1: the heatmap alone
+    page.wait_for_selector(f'[data-testid=overlay][data-renders="{renders + 1}"]')
+    opaque = session.canvas()
+    page.select_option("[data-testid=colormap]", "gray")
+    page.wait_for_selector(f'[data-testid=overlay][data-renders="{renders + 2}"]')
+    gray = session.canvas()
+    page.fill("[data-testid=threshold]", "0.5")
+    page.wait_for_selector(f'[data-testid=overlay][data-renders="{renders + 3}"]')
+    floored = session.canvas()
+
+    assert np.abs(opaque - before).mean() > 5
+    assert (gray[..., 0] == gray[..., 1]).all(), "the gray map is not gray"
+    assert np.abs(floored - gray).mean() > 5
+    assert len(session.api_calls()) == calls, "a display change called the service"
+    session.screenshot("alpha-1-gray-threshold")
+
+
+@pytest.mark.parametrize(
+    ("colormap", "alpha", "threshold"), [("jet", 0.5, None), ("viridis", 0.75, 0.25)]
+)
+def test_the_redrawn_overlay_is_the_one_the_server_draws(
+    session: Session,
+    servers: Servers,
+    make_image: Callable[..., bytes],
+    colormap: str,
+    alpha: float,
+    threshold: float | None,
+) -> None:
+    """A 200x120 photo-like upload under the shapes model's centre crop: colour table,
+    resizing onto the image and blending all match the server's own overlay."""
+    image = make_image(200, 120, seed=5)
+    session.upload(image, "wide.png")
+    session.wait_explained(1)
+    page = session.page
+    page.select_option("[data-testid=colormap]", colormap)
+    page.fill("[data-testid=alpha]", str(alpha))
+    page.fill("[data-testid=threshold]", str(threshold or 0))
+    drawn = session.canvas()
+
+    target = page.get_attribute("[data-testid=predictions] [aria-pressed=true]", "data-index")
+    fields = {"layer": "layer4", "target": target, "colormap": colormap, "alpha": str(alpha)}
+    if threshold is not None:
+        fields["threshold"] = str(threshold)
+    answer = httpx.post(
+        f"{servers.base}/v1/models/shapes/explain",
+        files={"image": ("wide.png", image, "image/png")},
+        data=fields,
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    overlay = answer.json()["results"][0]["explanations"][0]["overlay"]
+    served = np.asarray(
+        Image.open(io.BytesIO(base64.b64decode(overlay["data"]))).convert("RGB"), dtype=np.int16
+    )
+    assert drawn.shape == served.shape
+    difference = np.abs(drawn - served)
+    # Identical here; allow a stray rounding step (float64 in the browser, float32 on the server).
+    assert difference.max() <= 2, f"{(difference > 2).sum()} values differ by more than 2"
+    assert (difference > 0).mean() < 0.001
+
+
+def test_an_undecodable_upload_shows_the_error_as_a_sentence(session: Session) -> None:
+    session.upload(b"these bytes are no picture at all", "broken.png")
+    error = session.page.locator("[data-testid=error]")
+    error.wait_for(state="visible")
+    text = error.inner_text()
+    assert "The image could not be decoded." in text
+    assert "not an image in any recognised format" in text
+    assert "{" not in text
+    assert "image 0:" not in text
+    assert session.page.locator("body[data-state=error]").count() == 1
+    session.screenshot("error-undecodable")
+    script_errors = [e for e in session.console_errors if "Failed to load resource" not in e]
+    assert not script_errors
+
+
+def test_another_model_and_layer_can_be_chosen(
+    session: Session, servers: Servers, square: bytes
+) -> None:
+    page = session.page
+    session.upload(square)
+    session.wait_explained(1)
+    page.select_option("[data-testid=model]", "vit")
+    session.wait_explained(2)
+    layers = page.locator("[data-testid=layer] option").all_inner_texts()
+    assert "blocks.1.norm1 · 4×4 (default)" in layers
+    page.select_option("[data-testid=layer]", "blocks.0.norm1")
+    session.wait_explained(3)
+
+    path, sent = servers.last_post()
+    assert path == "/v1/models/vit/explain"
+    assert sent["layer"] == ["blocks.0.norm1"]
+    assert "target" not in sent  # the class indices of the first model do not carry over
+    assert "blocks.0.norm1" in page.inner_text("#overlay-caption")
+    warnings = page.locator("[data-testid=warnings]")
+    assert warnings.is_visible()
+    assert "RANDOM weights" in warnings.inner_text()
+    assert session.canvas().std() > 5
+    session.screenshot("second-model-vit")
+
+
+def test_choosing_a_class_explains_that_class(
+    session: Session, servers: Servers, square: bytes
+) -> None:
+    page = session.page
+    session.upload(square)
+    session.wait_explained(1)
+    second = page.locator("[data-testid=predictions] button").nth(1)
+    label = second.locator(".label").inner_text()
+    index = second.get_attribute("data-index")
+    second.click()
+    session.wait_explained(2)
+    assert servers.last_post()[1]["target"] == [index]
+    pressed = page.locator("[data-testid=predictions] [aria-pressed=true]")
+    assert pressed.locator(".label").inner_text() == label
+    assert page.inner_text("#overlay-caption").startswith(label)
+
+
+def test_the_overlay_downloads_as_a_png(session: Session, square: bytes) -> None:
+    session.upload(square)
+    session.wait_explained(1)
+    with session.page.expect_download() as download:
+        session.page.click("[data-testid=download]")
+    saved = download.value
+    assert saved.suggested_filename == "gradcam-square-layer4-gradcam.png"
+    path = saved.path()
+    picture = Image.open(path)
+    assert (picture.format, picture.size) == ("PNG", (256, 256))
+    assert np.array_equal(np.asarray(picture.convert("RGB")), session.canvas())
+
+
+def test_the_keyboard_alone_chooses_an_image_and_a_class(session: Session, square: bytes) -> None:
+    page = session.page
+    unlabelled = page.evaluate(
+        """() => [...document.querySelectorAll('input, select')]
+            .filter(e => e.labels.length === 0).map(e => e.id)"""
+    )
+    assert unlabelled == []
+
+    def tab_to(selector: str) -> None:
+        for _ in range(25):
+            page.keyboard.press("Tab")
+            if page.evaluate(f"document.activeElement.matches({json.dumps(selector)})"):
+                return
+        raise AssertionError(f"Tab never reached {selector}")
+
+    tab_to("[data-testid=upload]")
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(
+        files=[{"name": "shape.png", "mimeType": "image/png", "buffer": square}]
+    )
+    session.wait_explained(1)
+    tab_to("[data-testid=predictions] li:nth-child(2) button")
+    page.keyboard.press("Enter")
+    session.wait_explained(2)
+    chosen = "[data-testid=predictions] li:nth-child(2) button"
+    assert page.get_attribute(chosen, "aria-pressed") == "true"
+    assert page.evaluate(f"document.activeElement.matches({json.dumps(chosen)})")
+    session.screenshot("keyboard-second-class")
+
+
+def test_the_page_asks_for_an_api_key_when_the_service_wants_one(
+    session: Session, square: bytes
+) -> None:
+    """Stands in for a service that requires keys (401 with WWW-Authenticate: Bearer until a
+    request brings one): the page shows the key field, keeps the key in sessionStorage only
+    and sends it as a Bearer token."""
+    page = session.page
+    key = "k-123"
+    problem = {
+        "type": "about:blank",
+        "title": "Unauthorized",
+        "status": 401,
+        "detail": "This endpoint needs an API key.",
+        "code": "unauthorized",
+    }
+
+    def require_key(route: Any) -> None:
+        if route.request.headers.get("authorization") == f"Bearer {key}":
+            route.continue_()
+        else:
+            route.fulfill(
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="gradcam"'},
+                content_type="application/problem+json",
+                body=json.dumps(problem),
+            )
+
+    page.route(f"{session.base}/v1/**", require_key)
+    session.upload(square)
+    page.locator("[data-testid=api-key]").wait_for(state="visible")
+    error = page.inner_text("[data-testid=error]")
+    assert "This endpoint needs an API key. Enter it in the API key field" in error
+    session.screenshot("api-key-asked")
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    page.keyboard.type(key)
+    page.keyboard.press("Enter")
+    session.wait_explained(1)
+
+    assert session.api_calls()[-1].headers["authorization"] == f"Bearer {key}"
+    storage = page.evaluate("[{...sessionStorage}, {...localStorage}]")
+    assert storage == [{"gradcam.apiKey": key}, {}]
+    assert page.locator("[data-testid=error]").is_hidden()
+
+
+def test_no_console_error_and_no_request_to_another_origin(session: Session, square: bytes) -> None:
+    page = session.page
+    session.upload(square)
+    session.wait_explained(1)
+    page.select_option("[data-testid=method]", "gradcam++")
+    session.wait_explained(2)
+    page.locator("[data-testid=predictions] button").nth(2).click()
+    session.wait_explained(3)
+    page.fill("[data-testid=alpha]", "0.3")
+    page.select_option("[data-testid=colormap]", "inferno")
+
+    urls = [request.url for request in session.requests]
+    assert f"{session.base}/ui/app.js" in urls
+    assert f"{session.base}/v1/models/shapes/explain" in urls
+    assert [url for url in urls if not url.startswith(session.base + "/")] == []
+    assert session.console_errors == []
+
+
+def test_the_page_comes_with_a_strict_content_security_policy(
+    browser: Browser, servers: Servers, artifacts: Path
+) -> None:
+    context, opened = _open(browser, servers, artifacts, DESKTOP)
+    try:
+        response = opened.page.goto(servers.base + "/")
+        assert response is not None
+        policy = response.headers["content-security-policy"]
+        directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+        assert directives["default-src"] == "'none'"
+        assert directives["script-src"] == "'self'"
+        assert directives["connect-src"] == "'self'"
+        assert "unsafe" not in policy
+        assert response.headers["x-content-type-options"] == "nosniff"
+        opened.page.wait_for_selector("body[data-state=ready]")
+        # Enforced: the page cannot reach another host, even if asked to.
+        blocked = opened.page.evaluate(
+            f"fetch({json.dumps(servers.allowed)}).then(() => 'sent', () => 'blocked')"
+        )
+        assert blocked == "blocked"
+        assert any("Content Security Policy" in e for e in opened.console_errors)
+    finally:
+        context.close()
+
+
+def test_the_page_fits_a_phone_screen(
+    browser: Browser, servers: Servers, artifacts: Path, square: bytes
+) -> None:
+    context, opened = _open(browser, servers, artifacts, PHONE)
+    try:
+        page = opened.page
+        opened.load()
+        opened.upload(square)
+        opened.wait_explained(1)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= PHONE["width"], f"the page is {width} px wide"
+        box = page.locator("[data-testid=overlay]").bounding_box()
+        assert box is not None
+        assert box["width"] >= 0.8 * PHONE["width"]
+        opened.screenshot("phone-390")
+        assert opened.console_errors == []
+    finally:
+        context.close()
+
+
+# ----------------------------------------------------------------------------- CORS
+
+
+def _fetch_from(browser: Browser, origin: str, url: str) -> Any:
+    """POST an image-less explain with an API key header from a page on ``origin``."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(origin + "/")
+        return page.evaluate(
+            """async (url) => {
+                try {
+                    const response = await fetch(url, {
+                        method: "POST",
+                        headers: {"Authorization": "Bearer k", "Content-Type": "application/json"},
+                        body: JSON.stringify({images: [{data: "bm90IGFuIGltYWdl"}]}),
+                    });
+                    return {status: response.status, body: await response.json()};
+                } catch (error) {
+                    return {failed: String(error)};
+                }
+            }""",
+            url,
+        )
+    finally:
+        context.close()
+
+
+def test_a_page_on_an_allowed_origin_calls_the_api(browser: Browser, servers: Servers) -> None:
+    """The Authorization header makes the browser send a preflight first; both pass, and the
+    problem of the answer is readable by the other origin's script."""
+    answer = _fetch_from(browser, servers.allowed, f"{servers.base}/v1/models/shapes/explain")
+    assert answer.get("status") == 400, answer
+    assert answer["body"]["code"] == "invalid_image"
+
+
+def test_a_page_on_another_origin_is_refused(browser: Browser, servers: Servers) -> None:
+    answer = _fetch_from(browser, servers.other, f"{servers.base}/v1/models/shapes/explain")
+    assert "failed" in answer, answer

@@ -209,10 +209,15 @@ class Session:
         print(f"screenshot: {path}")
         return path
 
-    def upload(self, data: bytes, name: str = "shape.png", mime: str = "image/png") -> None:
+    def upload(self, data: bytes, name: str = "shape.png", *, explained: bool = True) -> None:
+        """Choose the file; unless told otherwise, wait until its explanation is drawn."""
+        count = int(self.page.get_attribute("[data-testid=overlay]", "data-explained") or 0)
         self.page.set_input_files(
-            "[data-testid=upload]", files=[{"name": name, "mimeType": mime, "buffer": data}]
+            "[data-testid=upload]",
+            files=[{"name": name, "mimeType": "image/png", "buffer": data}],
         )
+        if explained:
+            self.wait_explained(count + 1)
 
     def wait_explained(self, count: int) -> None:
         self.page.wait_for_selector(f'[data-testid=overlay][data-explained="{count}"]')
@@ -288,7 +293,6 @@ def test_uploading_an_image_shows_its_overlay_and_predictions(
     session: Session, square: bytes
 ) -> None:
     session.upload(square)
-    session.wait_explained(1)
     page = session.page
     page.select_option("[data-testid=layer]", "layer2")
     session.wait_explained(2)
@@ -318,7 +322,6 @@ def test_moving_alpha_redraws_the_overlay_without_a_request(
     session: Session, square: bytes
 ) -> None:
     session.upload(square)
-    session.wait_explained(1)
     page = session.page
     calls = len(session.api_calls())
     renders = int(page.get_attribute("[data-testid=overlay]", "data-renders") or 0)
@@ -357,7 +360,6 @@ def test_the_redrawn_overlay_is_the_one_the_server_draws(
     resizing onto the image and blending all match the server's own overlay."""
     image = make_image(200, 120, seed=5)
     session.upload(image, "wide.png")
-    session.wait_explained(1)
     page = session.page
     page.select_option("[data-testid=colormap]", colormap)
     page.fill("[data-testid=alpha]", str(alpha))
@@ -387,7 +389,7 @@ def test_the_redrawn_overlay_is_the_one_the_server_draws(
 
 
 def test_an_undecodable_upload_shows_the_error_as_a_sentence(session: Session) -> None:
-    session.upload(b"these bytes are no picture at all", "broken.png")
+    session.upload(b"these bytes are no picture at all", "broken.png", explained=False)
     error = session.page.locator("[data-testid=error]")
     error.wait_for(state="visible")
     text = error.inner_text()
@@ -406,7 +408,6 @@ def test_another_model_and_layer_can_be_chosen(
 ) -> None:
     page = session.page
     session.upload(square)
-    session.wait_explained(1)
     page.select_option("[data-testid=model]", "vit")
     session.wait_explained(2)
     layers = page.locator("[data-testid=layer] option").all_inner_texts()
@@ -431,7 +432,6 @@ def test_choosing_a_class_explains_that_class(
 ) -> None:
     page = session.page
     session.upload(square)
-    session.wait_explained(1)
     second = page.locator("[data-testid=predictions] button").nth(1)
     label = second.locator(".label").inner_text()
     index = second.get_attribute("data-index")
@@ -445,7 +445,6 @@ def test_choosing_a_class_explains_that_class(
 
 def test_the_overlay_downloads_as_a_png(session: Session, square: bytes) -> None:
     session.upload(square)
-    session.wait_explained(1)
     with session.page.expect_download() as download:
         session.page.click("[data-testid=download]")
     saved = download.value
@@ -515,7 +514,7 @@ def test_the_page_asks_for_an_api_key_when_the_service_wants_one(
             )
 
     page.route(f"{session.base}/v1/**", require_key)
-    session.upload(square)
+    session.upload(square, explained=False)
     page.locator("[data-testid=api-key]").wait_for(state="visible")
     error = page.inner_text("[data-testid=error]")
     assert "This endpoint needs an API key. Enter it in the API key field" in error
@@ -534,7 +533,6 @@ def test_the_page_asks_for_an_api_key_when_the_service_wants_one(
 def test_no_console_error_and_no_request_to_another_origin(session: Session, square: bytes) -> None:
     page = session.page
     session.upload(square)
-    session.wait_explained(1)
     page.select_option("[data-testid=method]", "gradcam++")
     session.wait_explained(2)
     page.locator("[data-testid=predictions] button").nth(2).click()
@@ -582,7 +580,6 @@ def test_the_page_fits_a_phone_screen(
         page = opened.page
         opened.load()
         opened.upload(square)
-        opened.wait_explained(1)
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= PHONE["width"], f"the page is {width} px wide"
         box = page.locator("[data-testid=overlay]").bounding_box()

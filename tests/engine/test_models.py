@@ -326,6 +326,18 @@ def _hot_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
+def _square_input(crop_mode: str, crop_pct: float = 1.0) -> PreprocessConfig:
+    """A 224x224 input, bilinear, mean and std 0.5, with the given crop."""
+    return PreprocessConfig(
+        input_size=(224, 224),
+        interpolation="bilinear",
+        crop_pct=crop_pct,
+        crop_mode=crop_mode,  # type: ignore[arg-type]
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    )
+
+
 @pytest.mark.parametrize(
     ("crop_mode", "crop_pct"),
     [("center", 1.0), ("center", 0.875), ("squash", 0.875), ("border", 1.0)],
@@ -337,14 +349,7 @@ def test_a_region_of_the_input_maps_back_onto_the_same_region_of_a_non_square_im
     that is hot exactly there lands back on the square in the original image."""
     square = (130, 60, 170, 100)
     image = _image_with_square(300, 200, square)
-    config = PreprocessConfig(
-        input_size=(224, 224),
-        interpolation="bilinear",
-        crop_pct=crop_pct,
-        crop_mode=crop_mode,  # type: ignore[arg-type]
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    )
+    config = _square_input(crop_mode, crop_pct)
     tensor, geometry = preprocess(image, config)
     assert tensor.shape == (3, 224, 224)
     assert geometry.original_size == (200, 300)
@@ -359,14 +364,7 @@ def test_a_region_of_the_input_maps_back_onto_the_same_region_of_a_non_square_im
 def test_in_border_mode_the_input_box_reaches_over_the_padding() -> None:
     """A 300x200 image fitted into 224x224 with padding above and below: the input's box spans
     the image's width and 300 original pixels of height, centred; the crop box is the image."""
-    config = PreprocessConfig(
-        input_size=(224, 224),
-        interpolation="bilinear",
-        crop_pct=1.0,
-        crop_mode="border",
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    )
+    config = _square_input("border")
     _, geometry = preprocess(Image.new("RGB", (300, 200), "gray"), config)
     left, top, right, bottom = geometry.input_box()
     assert (left, right) == pytest.approx((0.0, 300.0))
@@ -378,14 +376,7 @@ def test_in_border_mode_the_input_box_reaches_over_the_padding() -> None:
 def test_a_corner_of_the_input_lands_in_the_matching_corner_of_the_crop_window() -> None:
     """Center crop of a 300x200 (wide) image: the top-left input corner is at the left edge of
     the crop window, not of the image, and the cropped-away side strips are zero."""
-    config = PreprocessConfig(
-        input_size=(224, 224),
-        interpolation="bilinear",
-        crop_pct=1.0,
-        crop_mode="center",
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    )
+    config = _square_input("center")
     _, geometry = preprocess(Image.new("RGB", (300, 200), "gray"), config)
     # Shorter side 200 -> 224 (x1.12); width 336, crop 56 px off each side = 50 original px.
     assert geometry.crop_box() == pytest.approx((50.0, 0.0, 250.0, 200.0))

@@ -2,7 +2,9 @@
 
 One uvicorn server (on a free loopback port, in a thread) and one browser serve the whole
 module; each test gets a fresh browser context. The server has the trained shapes classifier
-(real weights, so no warning) and a random-weight ViT.
+(real weights, so no warning) and a random-weight ViT, and requires an API key: each context
+starts with the key in the tab's sessionStorage, as if given earlier, except where a test
+gives it through the page.
 
 Chromium is Debian's (``apt-get install chromium``; Playwright's own browser download is not
 used). Without it, or without the ``playwright`` package, the module is skipped, unless
@@ -59,6 +61,7 @@ except ImportError:
 if not CHROMIUM.is_file():
     _unavailable(f"no Chromium at {CHROMIUM}: apt-get install chromium (or GRADCAM_TEST_CHROMIUM)")
 
+KEY = "browser-test-key-0123456789"
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 800}
 
@@ -135,7 +138,10 @@ def servers(
     sock = _listening_socket()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     settings = settings_factory(
-        models=[shapes_model.spec, vit_spec], cors_origins=[allowed], max_upload_bytes=4 << 20
+        models=[shapes_model.spec, vit_spec],
+        cors_origins=[allowed],
+        api_keys=[KEY],
+        max_upload_bytes=4 << 20,
     )
     recorder = PostRecorder(create_app(settings))
     server = uvicorn.Server(uvicorn.Config(recorder, log_config=None))
@@ -234,10 +240,19 @@ class Session:
         return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
-def _open(browser: Browser, servers: Servers, artifacts: Path, viewport: dict[str, int]) -> Any:
+def _open(
+    browser: Browser,
+    servers: Servers,
+    artifacts: Path,
+    viewport: dict[str, int],
+    *,
+    with_key: bool = True,
+) -> Any:
     context = browser.new_context(viewport=viewport, accept_downloads=True)  # type: ignore[arg-type]
+    if with_key:
+        context.add_init_script(f"sessionStorage.setItem('gradcam.apiKey', {json.dumps(KEY)})")
     page = context.new_page()
-    page.set_default_timeout(20_000)
+    page.set_default_timeout(30_000)
     session = Session(page, servers.base, artifacts)
 
     def on_console(message: ConsoleMessage) -> None:
@@ -374,6 +389,7 @@ def test_the_redrawn_overlay_is_the_one_the_server_draws(
         f"{servers.base}/v1/models/shapes/explain",
         files={"image": ("wide.png", image, "image/png")},
         data=fields,
+        headers={"Authorization": f"Bearer {KEY}"},
         timeout=60,
     )
     assert answer.status_code == 200, answer.text
@@ -486,48 +502,42 @@ def test_the_keyboard_alone_chooses_an_image_and_a_class(session: Session, squar
     session.screenshot("keyboard-second-class")
 
 
-def test_the_page_asks_for_an_api_key_when_the_service_wants_one(
-    session: Session, square: bytes
+def test_the_page_asks_for_the_api_key_the_service_requires(
+    browser: Browser, servers: Servers, artifacts: Path, square: bytes
 ) -> None:
-    """Stands in for a service that requires keys (401 with WWW-Authenticate: Bearer until a
-    request brings one): the page shows the key field, keeps the key in sessionStorage only
-    and sends it as a Bearer token."""
-    page = session.page
-    key = "k-123"
-    problem = {
-        "type": "about:blank",
-        "title": "Unauthorized",
-        "status": 401,
-        "detail": "This endpoint needs an API key.",
-        "code": "unauthorized",
-    }
+    """A tab without a key: the service's 401 (WWW-Authenticate: Bearer) shows the key field;
+    a wrong key is refused in words; the right one is kept in sessionStorage only and sent as a
+    Bearer token."""
+    context, opened = _open(browser, servers, artifacts, DESKTOP, with_key=False)
+    try:
+        page = opened.page
+        page.goto(servers.base + "/")
+        page.locator("[data-testid=api-key]").wait_for(state="visible")
+        error = page.locator("[data-testid=error]")
+        assert "This endpoint needs an API key" in error.inner_text()
+        assert "Enter it in the API key field" in error.inner_text()
+        assert page.evaluate("document.activeElement.id") == "api-key"
+        opened.screenshot("api-key-asked")
 
-    def require_key(route: Any) -> None:
-        if route.request.headers.get("authorization") == f"Bearer {key}":
-            route.continue_()
-        else:
-            route.fulfill(
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer realm="gradcam"'},
-                content_type="application/problem+json",
-                body=json.dumps(problem),
-            )
+        page.keyboard.type("not-the-key-0123456789")
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            "el => el.textContent.includes('not valid')", arg=error.element_handle()
+        )
+        assert "Enter another one in the API key field" in error.inner_text()
+        page.fill("[data-testid=api-key]", KEY)
+        page.keyboard.press("Enter")
+        page.wait_for_selector("body[data-state=ready]")
+        opened.upload(square)
 
-    page.route(f"{session.base}/v1/**", require_key)
-    session.upload(square, explained=False)
-    page.locator("[data-testid=api-key]").wait_for(state="visible")
-    error = page.inner_text("[data-testid=error]")
-    assert "This endpoint needs an API key. Enter it in the API key field" in error
-    session.screenshot("api-key-asked")
-    assert page.evaluate("document.activeElement.id") == "api-key"
-    page.keyboard.type(key)
-    page.keyboard.press("Enter")
-    session.wait_explained(1)
-
-    assert session.api_calls()[-1].headers["authorization"] == f"Bearer {key}"
-    storage = page.evaluate("[{...sessionStorage}, {...localStorage}]")
-    assert storage == [{"gradcam.apiKey": key}, {}]
-    assert page.locator("[data-testid=error]").is_hidden()
+        assert opened.api_calls()[-1].headers["authorization"] == f"Bearer {KEY}"
+        storage = page.evaluate("[{...sessionStorage}, {...localStorage}]")
+        assert storage == [{"gradcam.apiKey": KEY}, {}]
+        assert error.is_hidden()
+        assert page.locator("[data-testid=api-key]").is_hidden()  # a line says one is in use
+        assert "An API key is in use" in page.inner_text("#key-section")
+    finally:
+        context.close()
 
 
 def test_no_console_error_and_no_request_to_another_origin(session: Session, square: bytes) -> None:
@@ -595,17 +605,20 @@ def test_the_page_fits_a_phone_screen(
 
 
 def _fetch_from(browser: Browser, origin: str, url: str) -> Any:
-    """POST an image-less explain with an API key header from a page on ``origin``."""
+    """From a page on ``origin``: POST bytes that are no image to ``url``, with the API key."""
     context = browser.new_context()
     try:
         page = context.new_page()
         page.goto(origin + "/")
         return page.evaluate(
-            """async (url) => {
+            """async ([url, key]) => {
                 try {
                     const response = await fetch(url, {
                         method: "POST",
-                        headers: {"Authorization": "Bearer k", "Content-Type": "application/json"},
+                        headers: {
+                            "Authorization": `Bearer ${key}`,
+                            "Content-Type": "application/json",
+                        },
                         body: JSON.stringify({images: [{data: "bm90IGFuIGltYWdl"}]}),
                     });
                     return {status: response.status, body: await response.json()};
@@ -613,7 +626,7 @@ def _fetch_from(browser: Browser, origin: str, url: str) -> Any:
                     return {failed: String(error)};
                 }
             }""",
-            url,
+            [url, KEY],
         )
     finally:
         context.close()

@@ -57,7 +57,7 @@ async function errorOf(response) {
   }
   if (needsKey) {
     sentence += storedKey()
-      ? " The key given was refused: enter another one in the API key field."
+      ? " Enter another one in the API key field."
       : " Enter it in the API key field, then press Use key.";
   }
   sentence += retryHint(response);

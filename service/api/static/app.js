@@ -15,7 +15,9 @@ import {
 const $ = (id) => document.getElementById(id);
 
 const state = {
+  /** Colour tables by name, and method descriptions by name, from /ui/options.json. */
   luts: {},
+  methods: {},
   file: null,
   /** The uploaded image as the service decoded it, at the size its overlays have. */
   picture: null,
@@ -42,7 +44,7 @@ function showError(error) {
   box.append(title, error instanceof ApiError ? error.message : String(error.message || error));
   box.hidden = false;
   document.body.dataset.state = "error";
-  if (error instanceof ApiError && error.needsKey) showKeyField(true);
+  if (error instanceof ApiError && error.needsKey) showKey(true);
 }
 
 function clearError() {
@@ -67,6 +69,7 @@ async function attempt(action) {
   try {
     await action();
     state.retry = null;
+    if (storedKey()) showKey(false); // the key worked
   } catch (error) {
     if (error.name === "AbortError") return;
     if (error instanceof ApiError && error.needsKey) state.retry = action;
@@ -77,9 +80,12 @@ async function attempt(action) {
 
 // ------------------------------------------------------------------------- API key
 
-function showKeyField(focus) {
+/** The key field when the service asks for a key (`asking`), else a line saying one is used. */
+function showKey(asking) {
   $("key-section").hidden = false;
-  if (focus) $("api-key").focus();
+  $("key-form").hidden = !asking;
+  $("key-saved").hidden = asking;
+  if (asking) $("api-key").focus();
 }
 
 $("key-form").addEventListener("submit", (event) => {
@@ -90,9 +96,10 @@ $("key-form").addEventListener("submit", (event) => {
   if (state.retry) attempt(state.retry);
 });
 
+$("change-key").addEventListener("click", () => showKey(true));
 $("forget-key").addEventListener("click", () => {
   storeKey("");
-  $("api-key").value = "";
+  $("key-section").hidden = true;
 });
 
 // ------------------------------------------------------------------------- choices
@@ -120,15 +127,15 @@ async function loadOptions() {
     options.methods.map((m) => ({ value: m.name, text: m.description.split(":")[0] })),
     options.methods[0].name,
   );
-  const descriptions = Object.fromEntries(options.methods.map((m) => [m.name, m.description]));
-  const describe = () => {
-    $("method-hint").textContent = descriptions[$("method").value] || "";
-  };
-  $("method").addEventListener("change", describe);
-  describe();
+  state.methods = Object.fromEntries(options.methods.map((m) => [m.name, m.description]));
+  describeMethod();
   $("alpha").value = String(options.default_alpha);
   showSliderValues();
   paintLegend();
+}
+
+function describeMethod() {
+  $("method-hint").textContent = state.methods[$("method").value] || "";
 }
 
 async function loadModels() {
@@ -426,6 +433,7 @@ $("model").addEventListener("change", () => {
     if (state.file) await explain();
   });
 });
+$("method").addEventListener("change", describeMethod);
 for (const id of ["layer", "method"]) {
   $(id).addEventListener("change", () => {
     if (state.file) attempt(explain);
@@ -440,8 +448,6 @@ for (const id of ["alpha", "threshold", "colormap"]) {
 }
 $("download").addEventListener("click", download);
 
-if (storedKey()) showKeyField(false);
-attempt(async () => {
-  await loadOptions();
-  await loadModels();
-});
+if (storedKey()) showKey(false);
+await attempt(loadOptions);
+attempt(loadModels);

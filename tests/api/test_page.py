@@ -71,6 +71,12 @@ def test_the_page_is_served_at_the_root_with_a_strict_policy(client: TestClient)
     assert 'data-testid="upload"' in response.text
 
 
+def test_the_file_picker_offers_images_and_dicom_files() -> None:
+    html = (STATIC / "index.html").read_text(encoding="utf-8")
+    (accept,) = re.findall(r'data-testid="upload"[^>]*accept="([^"]+)"', html, flags=re.S)
+    assert {"image/*", ".tif", ".tiff", ".dcm", "application/dicom"} <= set(accept.split(","))
+
+
 def test_the_page_has_no_inline_code_and_names_only_its_own_assets() -> None:
     references = _references()
     assert references.inline == []

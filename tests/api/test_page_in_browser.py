@@ -215,12 +215,18 @@ class Session:
         print(f"screenshot: {path}")
         return path
 
-    def upload(self, data: bytes, name: str = "shape.png", *, explained: bool = True) -> None:
+    def upload(
+        self,
+        data: bytes,
+        name: str = "shape.png",
+        mime: str = "image/png",
+        *,
+        explained: bool = True,
+    ) -> None:
         """Choose the file; unless told otherwise, wait until its explanation is drawn."""
         count = int(self.page.get_attribute("[data-testid=overlay]", "data-explained") or 0)
         self.page.set_input_files(
-            "[data-testid=upload]",
-            files=[{"name": name, "mimeType": "image/png", "buffer": data}],
+            "[data-testid=upload]", files=[{"name": name, "mimeType": mime, "buffer": data}]
         )
         if explained:
             self.wait_explained(count + 1)
@@ -417,6 +423,25 @@ def test_an_undecodable_upload_shows_the_error_as_a_sentence(session: Session) -
     session.screenshot("error-undecodable")
     script_errors = [e for e in session.console_errors if "Failed to load resource" not in e]
     assert not script_errors
+
+
+def test_a_dicom_upload_is_shown_windowed_and_explained(
+    session: Session, dicom_factory: Callable[..., bytes]
+) -> None:
+    """A 12-bit grey DICOM with a bright square: the page shows it as the service windowed it
+    (grey, the square white) and explains it like any image."""
+    pixels = np.full((128, 128), 400, dtype=np.uint16)
+    pixels[24:56, 72:104] = 3000
+    dicom = dicom_factory(pixels, bits_stored=12, WindowCenter=1700, WindowWidth=2600)
+    session.upload(dicom, "chest.dcm", "application/dicom")
+
+    original = session.canvas("original")
+    assert original.shape == (128, 128, 3)
+    assert (original[..., 0] == original[..., 2]).all(), "a grey image shown in colour"
+    assert original[40, 88, 0] > 200 > 60 > original[100, 20, 0]
+    assert np.abs(session.canvas() - original).mean() > 10
+    assert "128×128 DICOM (MONOCHROME2)" in session.page.inner_text("#details")
+    session.screenshot("dicom")
 
 
 def test_another_model_and_layer_can_be_chosen(

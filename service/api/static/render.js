@@ -113,15 +113,18 @@ function lutIndex(value) {
 
 /**
  * `(1 - alpha) x image + alpha x colour(map)` into `target` (an ImageData of the image's size);
- * `image` is the RGBA bytes of the picture the map lies on.
+ * `image` is the RGBA bytes of the picture the map lies on. In 8.8 fixed point, as the server
+ * blends: `(image x (256 - w) + colour x w + 128) >> 8` with `w = rint(alpha x 256)`.
  */
 export function paintOverlay(target, image, map, lut, alpha) {
   const out = target.data;
+  const w = rint(alpha * 256);
+  const keep = 256 - w;
   for (let i = 0, p = 0; i < map.length; i += 1, p += 4) {
     const c = lutIndex(map[i]);
-    out[p] = rint(image[p] * (1 - alpha) + lut[c] * alpha);
-    out[p + 1] = rint(image[p + 1] * (1 - alpha) + lut[c + 1] * alpha);
-    out[p + 2] = rint(image[p + 2] * (1 - alpha) + lut[c + 2] * alpha);
+    out[p] = (image[p] * keep + lut[c] * w + 128) >> 8;
+    out[p + 1] = (image[p + 1] * keep + lut[c + 1] * w + 128) >> 8;
+    out[p + 2] = (image[p + 2] * keep + lut[c + 2] * w + 128) >> 8;
     out[p + 3] = 255;
   }
 }

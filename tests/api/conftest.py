@@ -10,6 +10,7 @@ import io
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -73,6 +74,19 @@ def wait_ready(client: TestClient, timeout: float = 120.0) -> None:
     raise AssertionError(f"not ready after {timeout:g} s: {client.get('/readyz').text}")
 
 
+def wait_served(base: str, timeout: float = 120.0) -> None:
+    """Poll ``{base}/readyz`` over HTTP until a real server answers 200."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{base} did not become ready in {timeout:g} s"
+        time.sleep(0.1)
+
+
 def image_bytes(
     width: int = 80, height: int = 60, fmt: str = "PNG", seed: int = 0, mode: str = "RGB"
 ) -> bytes:
@@ -116,6 +130,12 @@ def settings_factory() -> SettingsFactory:
 @pytest.fixture(scope="session")
 def until_ready() -> ReadyWaiter:
     return wait_ready
+
+
+@pytest.fixture(scope="session")
+def until_served() -> Callable[[str], None]:
+    """``until_served(base_url)``: wait until a server started by the test is ready."""
+    return wait_served
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ import os
 import re
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -131,7 +130,10 @@ class Servers:
 
 @pytest.fixture(scope="module")
 def servers(
-    shapes_model: LoadedModel, vit_spec: ModelSpec, settings_factory: Callable[..., Any]
+    shapes_model: LoadedModel,
+    vit_spec: ModelSpec,
+    settings_factory: Callable[..., Any],
+    until_served: Callable[[str], None],
 ) -> Iterator[Servers]:
     frontends = [ThreadingHTTPServer(("127.0.0.1", 0), _FrontendPage) for _ in range(2)]
     allowed, other = (f"http://127.0.0.1:{f.server_address[1]}" for f in frontends)
@@ -150,15 +152,7 @@ def servers(
     for thread in threads:
         thread.start()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
+        until_served(base)
         yield Servers(base, allowed, other, recorder)
     finally:
         server.should_exit = True

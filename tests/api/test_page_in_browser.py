@@ -505,6 +505,9 @@ def test_the_keyboard_alone_chooses_an_image_and_a_class(session: Session, squar
                 return
         raise AssertionError(f"Tab never reached {selector}")
 
+    # Intercept file choosers from now on: enabling it inside expect_file_chooser can lose the
+    # race with the key press under load, and the native dialog opens instead.
+    page.on("filechooser", lambda _: None)
     tab_to("[data-testid=upload]")
     with page.expect_file_chooser() as chooser:
         page.keyboard.press("Space")

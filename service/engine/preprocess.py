@@ -226,12 +226,16 @@ def preprocess(
     return tensor, geometry
 
 
-def map_to_original(grid_map: np.ndarray, geometry: Geometry) -> np.ndarray:
+def map_to_original(
+    grid_map: np.ndarray, geometry: Geometry, *, normalize: bool = True
+) -> np.ndarray:
     """Resample a map covering the model input onto the original image's pixel grid.
 
     Bilinear, with pixel-centre sampling (``align_corners=False``) and edge values held out to
     the input's border, as ``torch.nn.functional.grid_sample`` would. Pixels the model never saw
-    (cropped away, or padding in border mode) get 0. The result is min-max normalised to [0, 1].
+    (cropped away, or padding in border mode) get 0. The result is min-max normalised to [0, 1],
+    as the reference library normalises its resized maps; ``normalize=False`` keeps the values
+    of a map already in [0, 1] (the threshold floor must stay visible, not be subtracted away).
 
     The mapping is axis-aligned, so it is done as two 1-D interpolations (each output pixel mixes
     two source columns, then two source rows) in NumPy, without torch: this runs in the CPU
@@ -251,8 +255,9 @@ def map_to_original(grid_map: np.ndarray, geometry: Geometry) -> np.ndarray:
     seen_x = (xs >= 0) & (xs < in_w)
     seen_y = (ys >= 0) & (ys < in_h)
     out *= seen_y[:, None] & seen_x[None, :]
-    out -= out.min()
-    out /= out.max() + np.float32(1e-7)
+    if normalize:
+        out -= out.min()
+        out /= out.max() + np.float32(1e-7)
     return out.astype(np.float32, copy=False)
 
 

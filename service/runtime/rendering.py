@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.engine.explain import CamMap
+from service.engine.explain import CamMap, PostProcess
 from service.engine.images import DecodedImage
 from service.engine.models import LoadedModel
 from service.engine.preprocess import Geometry, map_to_original
@@ -28,6 +28,7 @@ def render_maps(
     maps: list[CamMap],
     geometry: Geometry,  # in the upload's pixel coordinates
     options: OutputOptions,
+    post: PostProcess,
     max_upsampled_side: int,
 ) -> list[RenderedMap]:
     """The renderings ``options`` ask for, for each map of one image (drawn on the image as
@@ -43,16 +44,19 @@ def render_maps(
         shown_geometry = geometry.resized(width, height)
     map_width, map_height = fit_within(decoded.width, decoded.height, max_upsampled_side)
     map_geometry = geometry.resized(map_width, map_height)
+    # The threshold floor is part of the picture (the original script's 'adaptable threshold'):
+    # resized maps keep it rather than being min-max normalised down to 0.
+    normalize = post.mode == "relu"
     rendered: list[RenderedMap] = []
     for cam in maps:
         out = RenderedMap(cam=cam)
         if options.upsampled == "input":
             out.upsampled = cam.input_map
         elif options.upsampled == "original":
-            out.upsampled = map_to_original(cam.grid_normalized, map_geometry)
+            out.upsampled = map_to_original(cam.grid_normalized, map_geometry, normalize=normalize)
             out.upsampled_scale = map_width / decoded.width
         if shown is not None:
-            heat = map_to_original(cam.grid_normalized, shown_geometry)
+            heat = map_to_original(cam.grid_normalized, shown_geometry, normalize=normalize)
             if options.overlay == "panel":
                 label = model.labels[cam.target]
                 title = f"{label} ({cam.probability:.1%}) | {cam.layer} | {cam.method}"

@@ -283,6 +283,7 @@ class Runtime:
                     c.value.maps,
                     geometry,
                     job.outputs,
+                    job.post,
                     self._config.max_upsampled_side,
                 )
             )

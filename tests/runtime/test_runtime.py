@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.engine.explain import ImageRequest, explain
+from service.engine.explain import ImageRequest, PostProcess, explain
 from service.engine.images import DecodedImage, decode_image
 from service.engine.models import LoadedModel
 from service.engine.preprocess import preprocess
@@ -372,3 +372,45 @@ def test_requests_predicted_to_wait_past_the_bound_are_refused_before_any_work(
     assert 'gradcam_rejected_total{model="tiny",reason="queue_wait"} 2.0' in text
     assert 'gradcam_admitted_total{model="tiny"} 3.0' in text
     assert "gradcam_predicted_wait_seconds" in text
+
+
+def test_the_threshold_floor_stays_in_resized_maps_and_overlays() -> None:
+    image = _image(5, size=(80, 80))  # square: the tiny model's centre crop sees all of it
+    floor = PostProcess(mode="threshold", threshold=0.25)
+    options = OutputOptions(upsampled="original", overlay="png", alpha=1.0, colormap="gray")
+
+    async def scenario() -> list[Any]:
+        runtime = await _started(RuntimeConfig())
+        try:
+            return [
+                (
+                    await runtime.explain(
+                        "tiny",
+                        [
+                            ExplainJob(
+                                image=image,
+                                layers=("layer2", "layer3", "layer4"),
+                                top_k=4,
+                                post=post,
+                                outputs=options,
+                            )
+                        ],
+                    )
+                )[0]
+                for post in (floor, PostProcess())
+            ]
+        finally:
+            await runtime.stop()
+
+    thresholded, relu = _run(scenario)
+    # A map with a positive peak (random weights leave some maps empty: no floor there).
+    index = next(i for i, m in enumerate(thresholded.maps) if m.cam.raw_max > 0)
+    floored, plain = thresholded.maps[index], relu.maps[index]
+    assert floored.upsampled is not None
+    assert plain.upsampled is not None
+    assert floored.upsampled.min() >= 0.25 - 1e-3, "the floor must not be normalised away"
+    assert floored.upsampled.max() <= 1.0 + 1e-6
+    assert plain.upsampled.min() == pytest.approx(0.0, abs=1e-6)
+    assert floored.overlay is not None
+    grey = np.asarray(Image.open(io.BytesIO(floored.overlay)).convert("L"))
+    assert grey.min() >= round(0.25 * 255) - 2, "the overlay shows the floor, not black"

@@ -355,7 +355,8 @@ function resizedMap() {
   if (!resized.has(threshold)) {
     const grid = threshold > 0 ? floorMap(raw, threshold) : heatmap;
     const { width, height } = state.picture;
-    resized.set(threshold, mapOntoImage(grid, result.input_box, result.original, width, height));
+    const box = result.input_box;
+    resized.set(threshold, mapOntoImage(grid, box, result.original, width, height, threshold === 0));
   }
   return resized.get(threshold);
 }

@@ -64,9 +64,10 @@ function axis(size, originalSize, start, end, cells) {
 /**
  * The grid map resized onto the image shown at `width` x `height` pixels: the grid spans
  * `box` (the model input's box on the `original` image); pixels the model never saw are 0.
- * Min-max normalised to [0, 1], as the server does it.
+ * Min-max normalised to [0, 1] as the server does it, unless `normalize` is false (a map with
+ * the threshold floor keeps it, as on the server).
  */
-export function mapOntoImage(grid, box, original, width, height) {
+export function mapOntoImage(grid, box, original, width, height, normalize = true) {
   const xs = axis(width, original.width, box.left, box.right, grid.cols);
   const ys = axis(height, original.height, box.top, box.bottom, grid.rows);
   const v = grid.values;
@@ -90,6 +91,7 @@ export function mapOntoImage(grid, box, original, width, height) {
       min = Math.min(min, value);
     }
   }
+  if (!normalize) return out;
   let max = 0;
   for (let i = 0; i < out.length; i += 1) {
     out[i] -= min;

@@ -25,6 +25,7 @@ from service.errors import ServiceError, WorkerError
 from service.metrics import Metrics
 from service.runtime.batching import Batcher
 from service.runtime.config import RuntimeConfig
+from service.runtime.loading import Replica
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +88,10 @@ class ServedModel:
     """A model's batcher, its replicas and one worker loop per replica."""
 
     def __init__(
-        self, name: str, replicas: list[LoadedModel], config: RuntimeConfig, metrics: Metrics
+        self, name: str, replicas: list[Replica], config: RuntimeConfig, metrics: Metrics
     ) -> None:
         self.name = name
-        self.replicas = replicas
+        self.replicas = [replica.model for replica in replicas]
         self._config = config
         self._metrics = metrics
         self.batcher: Batcher[WorkItem, Computed] = Batcher(
@@ -103,15 +104,13 @@ class ServedModel:
             on_group=self._observe,
         )
         metrics.queue_depth.labels(name).set_function(lambda: self.batcher.depth)
-        self._executors = [
-            ThreadPoolExecutor(1, thread_name_prefix=f"gradcam-{name}-{i}")
-            for i in range(len(replicas))
-        ]
+        self._executors = [replica.thread for replica in replicas]
         self._loops = [
             asyncio.create_task(
-                self.batcher.run(self._handler(replica, executor)), name=f"worker-{name}-{i}"
+                self.batcher.run(self._handler(replica.model, replica.thread)),
+                name=f"worker-{name}-{i}",
             )
-            for i, (replica, executor) in enumerate(zip(replicas, self._executors, strict=True))
+            for i, replica in enumerate(replicas)
         ]
 
     def _handler(

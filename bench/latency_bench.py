@@ -225,11 +225,12 @@ def main() -> None:
             c1_latencies(url, phone_small, args.requests),
         )
 
-    with server(device, args.batch, max_queue_wait_ms="600000") as (base, process):
+    before = {"max_queue_wait_ms": "600000", "max_queued_per_caller": "64"}
+    with server(device, args.batch, **before) as (base, process):
         url = f"{base}/v1/models/resnet50/explain"
         print("overload, no time bound ...", flush=True)
         asyncio.run(load(url, [small], 8, 16, {}))
-        unbounded = Overload("image count only (as before)", 2 * capacity, args.overload_s)
+        unbounded = Overload("image count only, 64 (as before)", 2 * capacity, args.overload_s)
         unbounded.rss_before = rss_mb(process.pid)
         asyncio.run(open_loop(url, small, 2 * capacity, args.overload_s, unbounded))
         unbounded.rss_after = rss_mb(process.pid)

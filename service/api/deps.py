@@ -1,5 +1,8 @@
 """Every dependency the endpoints declare, as ``Annotated`` types.
 
+They are all ``async``: FastAPI runs a plain ``def`` dependency in a worker thread, a hop that
+costs more than these lookups on a machine whose cores the model is using.
+
 The model dependency resolves before any body is read, so an unknown or loading model is
 answered (404, 503) without reading the upload.
 """
@@ -23,7 +26,7 @@ from service.errors import ModelNotReadyError
 from service.runtime.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime = getattr(request.app.state, "runtime", None)
     if not isinstance(runtime, Runtime):
         raise ModelNotReadyError(
@@ -39,7 +42,7 @@ ModelName = Annotated[
 ]
 
 
-def get_model(model: ModelName, runtime: RuntimeDep) -> LoadedModel:
+async def get_model(model: ModelName, runtime: RuntimeDep) -> LoadedModel:
     """The ready model named in the path (404 unknown, 503 not ready), before any body is read."""
     return runtime.model(model)
 
@@ -47,7 +50,7 @@ def get_model(model: ModelName, runtime: RuntimeDep) -> LoadedModel:
 ModelDep = Annotated[LoadedModel, Depends(get_model)]
 
 
-def get_caller(request: Request) -> str | None:
+async def get_caller(request: Request) -> str | None:
     """Who asks: the id the auth middleware gave the request (an API key's, or the address's)."""
     caller = getattr(request.state, "caller", None)
     return caller if isinstance(caller, str) else None

@@ -250,8 +250,9 @@ def map_to_original(
     ys -= np.float32(geometry.offset_y)
     x0, x1, wx = _bilinear_taps(xs * np.float32(source.shape[1] / in_w) - 0.5, source.shape[1])
     y0, y1, wy = _bilinear_taps(ys * np.float32(source.shape[0] / in_h) - 0.5, source.shape[0])
-    rows = source[y0] * (1 - wy)[:, None] + source[y1] * wy[:, None]  # (height, grid width)
-    out = rows[:, x0] * (1 - wx) + rows[:, x1] * wx
+    rows = source.take(y0, axis=0) * (1 - wy)[:, None] + source.take(y1, axis=0) * wy[:, None]
+    out = rows.take(x0, axis=1) * (1 - wx)  # take(): faster than fancy indexing
+    out += rows.take(x1, axis=1) * wx
     seen_x = (xs >= 0) & (xs < in_w)
     seen_y = (ys >= 0) & (ys < in_h)
     out *= seen_y[:, None] & seen_x[None, :]

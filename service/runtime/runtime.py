@@ -46,7 +46,12 @@ from service.runtime.batching import Batched, QueueFullError
 from service.runtime.config import RuntimeConfig
 from service.runtime.jobs import ExplainJob, ExplainOutcome, PredictJob, PredictOutcome, Timings
 from service.runtime.loading import ModelStatus, devices, load_replicas
-from service.runtime.rendering import OVERLAY_MAX_SIDE, fit_within, render_maps
+from service.runtime.rendering import (
+    OVERLAY_DECODE_FRACTION,
+    OVERLAY_MAX_SIDE,
+    fit_within,
+    render_maps,
+)
 from service.runtime.workers import Computed, ServedModel, WorkItem
 
 logger = logging.getLogger(__name__)
@@ -372,11 +377,6 @@ def _load_failure(exc: Exception) -> str:
         return exc.detail
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
-
-
-#: An overlay may be drawn on a decoded photo up to 5% smaller than its display size (enlarged
-#: back, invisibly): a 4032x3024 JPEG then decodes at 1/4 (1008x756), not 1/2.
-OVERLAY_DECODE_FRACTION = 0.95
 
 
 def _scale_needed(preprocessing: PreprocessConfig, overlay: bool) -> ScaleNeeded:

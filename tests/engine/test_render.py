@@ -308,3 +308,22 @@ def test_quality_outside_one_to_hundred_is_an_invalid_parameter(quality: int) ->
 def test_encode_rejects_arrays_that_are_not_uint8_rgb(array: np.ndarray) -> None:
     with pytest.raises(ValueError, match="uint8"):
         encode_image(array)
+
+
+@pytest.mark.parametrize(("height", "width"), [(1, 1), (2, 3), (31, 17), (240, 320)])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_png_encoding_round_trips_exactly(height: int, width: int, channels: int) -> None:
+    rng = np.random.default_rng(height * width + channels)
+    shape = (height, width, 3) if channels == 3 else (height, width)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    data = encode_image(pixels, "png")
+    with Image.open(io.BytesIO(data)) as decoded:
+        assert decoded.format == "PNG"
+        assert decoded.mode == ("RGB" if channels == 3 else "L")
+        np.testing.assert_array_equal(np.asarray(decoded), pixels)
+
+
+def test_png_encoding_compresses_smooth_pictures() -> None:
+    y, x = np.mgrid[0:256, 0:256]
+    smooth = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
+    assert len(encode_image(smooth, "png")) < smooth.nbytes / 4

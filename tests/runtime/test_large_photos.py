@@ -96,7 +96,10 @@ def test_reduced_decoding_keeps_probabilities_and_maps_of_exact_decoding(
             assert f.upsampled is not None
             assert q.upsampled.shape == f.upsampled.shape, "same map size from either path"
             assert _correlation(q.upsampled, f.upsampled) > MIN_MAP_CORRELATION, name
-            assert q.overlay_size == f.overlay_size
+            assert q.overlay_size is not None
+            assert f.overlay_size is not None
+            # Drawn on the decoded copy when it is within 5% of the display size.
+            assert 0.95 * f.overlay_size[0] <= q.overlay_size[0] <= f.overlay_size[0]
 
 
 @pytest.mark.parametrize("exact", [False, True])

@@ -1,7 +1,7 @@
 """Service settings: one typed ``Settings`` object read from ``GRADCAM_*`` environment variables.
 
-The HTTP layer reads it through :func:`get_settings` (a FastAPI dependency that tests override);
-the runtime gets the plain :class:`~service.runtime.config.RuntimeConfig` it maps onto, and the
+:func:`get_settings` reads them once per process; the app keeps the ``Settings`` it was built
+with (``app.state.settings``, read by its endpoints' dependency); the runtime gets the plain :class:`~service.runtime.config.RuntimeConfig` it maps onto, and the
 models come from ``GRADCAM_MODELS_FILE`` (YAML or JSON) when set, else ``GRADCAM_MODELS``.
 """
 
@@ -311,5 +311,5 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process-wide settings (a FastAPI dependency; tests override it)."""
+    """The process-wide settings, read once (the app factory's default)."""
     return Settings()

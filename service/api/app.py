@@ -122,10 +122,6 @@ def create_app(
     app.state.metrics = metrics
     app.state.runtime = None
 
-    async def served_settings() -> Settings:  # async: no worker-thread hop per request
-        return settings
-
-    app.dependency_overrides[get_settings] = served_settings
     install_problem_handlers(app)
     app.include_router(models.router)
     app.include_router(health.router)

@@ -20,6 +20,7 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -44,6 +45,7 @@ def is_protected(path: str) -> bool:
 _REALM: Final = 'Bearer realm="gradcam-service"'
 
 
+@lru_cache(maxsize=4096)
 def _caller_id(kind: str, material: bytes) -> str:
     return f"{kind}-" + hashlib.sha256(b"gradcam-caller\0" + material).hexdigest()[:10]
 

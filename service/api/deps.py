@@ -20,7 +20,7 @@ from service.api.requests import (
     PredictParams,
 )
 from service.api.uploads import Upload, read_upload
-from service.config import Settings, get_settings
+from service.config import Settings
 from service.engine.models import LoadedModel
 from service.errors import ModelNotReadyError
 from service.runtime.runtime import Runtime
@@ -36,7 +36,16 @@ async def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def get_app_settings(request: Request) -> Settings:
+    """The settings the app was built with (not a dependency override: FastAPI rebuilds an
+    overridden dependency's signature on every request)."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 ModelName = Annotated[
     str, Path(description="Model name, as listed by GET /v1/models.", examples=["resnet50"])
 ]
@@ -57,6 +66,20 @@ async def get_caller(request: Request) -> str | None:
 
 
 CallerDep = Annotated[str | None, Depends(get_caller)]
+
+
+async def get_admitted_model(
+    model: ModelDep, runtime: RuntimeDep, caller: CallerDep
+) -> LoadedModel:
+    """The model, once its queue would take at least one more image from this caller: an
+    overloaded service refuses (429) before reading the upload, which under overload is most
+    of a refused request's cost. The full request is checked again once its images are known."""
+    runtime.check_admission(model.name, 1, caller)
+    return model
+
+
+#: The model of an upload endpoint: declare it before the upload, so it is resolved first.
+AdmittedModelDep = Annotated[LoadedModel, Depends(get_admitted_model)]
 
 
 async def read_predict(request: Request, settings: SettingsDep) -> Upload[PredictParams]:

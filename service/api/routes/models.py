@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from service.api import answers
 from service.api.budget import check_explain_size
 from service.api.deps import (
+    AdmittedModelDep,
     CallerDep,
     ExplainUpload,
     ModelDep,
@@ -211,7 +212,7 @@ async def list_layers(model: ModelDep) -> LayerList:
 async def predict(
     request: Request,
     runtime: RuntimeDep,
-    model: ModelDep,
+    model: AdmittedModelDep,
     upload: PredictUpload,
     caller: CallerDep,
 ) -> PredictResponse:
@@ -232,7 +233,7 @@ async def predict(
 async def explain(
     request: Request,
     runtime: RuntimeDep,
-    model: ModelDep,
+    model: AdmittedModelDep,
     upload: ExplainUpload,
     caller: CallerDep,
     settings: SettingsDep,

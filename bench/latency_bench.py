@@ -44,7 +44,7 @@ from PIL import Image, ImageFilter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import free_port, jpeg, load, rss_mb, stop, wait_ready  # noqa: E402
+from bench.serve_bench import emit, free_port, jpeg, load, rss_mb, stop, wait_ready  # noqa: E402
 
 MODEL = {"name": "resnet50", "architecture": "resnet50", "weights": "random"}
 
@@ -287,12 +287,7 @@ def main() -> None:
         f"- target: accepted p99 at most the bound plus one batch ({2000 + batch_ms:.0f} ms),"
         " goodput at least 90% of capacity, no failures but 429, memory growth under 150 MB",
     ]
-    table = "\n".join(lines)
-    print()
-    print(table)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(table + "\n")
+    emit("\n".join(lines), args.output)
 
 
 if __name__ == "__main__":

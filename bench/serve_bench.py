@@ -66,6 +66,15 @@ class LevelResult:
         return ", ".join(f"{v}x{k or 'conn'}" for k, v in bad.items()) or "-"
 
 
+def emit(table: str, output: Path | None) -> None:
+    """Print a result table, and write it to ``output`` when given."""
+    print()
+    print(table)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(table + "\n")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -364,12 +373,7 @@ def main() -> None:
         f"{rss_before:.0f} MB -> {rss_after:.0f} MB ({rss_after - rss_before:+.0f} MB, "
         f"target < 50 MB growth), {mem_errors} errors"
     )
-    table = "\n".join(lines)
-    print()
-    print(table)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(table + "\n")
+    emit("\n".join(lines), args.output)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Service settings: one typed ``Settings`` object read from ``GRADCAM_*`` environment variables.
 
 :func:`get_settings` reads them once per process; the app keeps the ``Settings`` it was built
-with (``app.state.settings``, read by its endpoints' dependency); the runtime gets the plain :class:`~service.runtime.config.RuntimeConfig` it maps onto, and the
-models come from ``GRADCAM_MODELS_FILE`` (YAML or JSON) when set, else ``GRADCAM_MODELS``.
+with (``app.state.settings``, read by its endpoints' dependency); the runtime gets the plain
+:class:`~service.runtime.config.RuntimeConfig` it maps onto, and the models come from
+``GRADCAM_MODELS_FILE`` (YAML or JSON) when set, else ``GRADCAM_MODELS``.
 """
 
 from __future__ import annotations

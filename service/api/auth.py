@@ -18,6 +18,7 @@ import hmac
 import ipaddress
 import logging
 import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,11 +36,23 @@ logger = logging.getLogger("service.api")
 MIN_KEY_LENGTH: Final = 16
 _DIGEST = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 _PROTECTED_PREFIXES: Final = ("/v1/", "/metrics")
+#: Prefixes of caller ids: an API key's, or a client address's.
+KEY_CALLER: Final = "key"
+ADDRESS_CALLER: Final = "addr"
 
 
 def is_protected(path: str) -> bool:
-    """Whether ``path`` needs an API key when keys are configured."""
+    """Whether ``path`` (as routed: without the app's root path) needs an API key when keys
+    are configured."""
     return path.startswith(_PROTECTED_PREFIXES)
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: behind ``--root-path`` or mounted under a prefix, the
+    request's path less that prefix (what Starlette matches routes against)."""
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 _REALM: Final = 'Bearer realm="gradcam-service"'
@@ -80,7 +93,7 @@ class KeyRing:
         for digest in self.digests:
             if hmac.compare_digest(presented, digest):
                 found = digest
-        return None if found is None else _caller_id("key", found)
+        return None if found is None else _caller_id(KEY_CALLER, found)
 
 
 def _key_lines(settings: Settings) -> Iterable[tuple[int, str]]:
@@ -104,10 +117,14 @@ def _digest(source: str, position: int, entry: str) -> bytes:
         if match is None:
             raise ConfigError(f"{where}: a digest must be 'sha256:' and 64 hex digits.")
         return bytes.fromhex(match.group(1))
-    if len(entry) < MIN_KEY_LENGTH or any(c.isspace() for c in entry):
+    if (
+        len(entry) < MIN_KEY_LENGTH
+        or not (entry.isascii() and entry.isprintable())
+        or (any(c.isspace() for c in entry))
+    ):
         raise ConfigError(
-            f"{where}: a key must be at least {MIN_KEY_LENGTH} characters without spaces"
-            " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')."
+            f"{where}: a key must be at least {MIN_KEY_LENGTH} printable ASCII characters"
+            " without spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')."
         )
     return hashlib.sha256(entry.encode("utf-8")).digest()
 
@@ -126,11 +143,16 @@ def presented_key(scope: Scope) -> str | None:
     return None
 
 
+#: Address ids are salted per process, so that the 2^32 IPv4 addresses cannot be hashed in
+#: advance to read them back (key ids hash a key's digest: stable across restarts).
+_ADDRESS_SALT: Final = secrets.token_bytes(16)
+
+
 def address_caller(scope: Scope) -> str:
     """The caller id of a request's client address (the forwarded one behind a trusted proxy)."""
     client = scope.get("client")
     host = str(client[0]) if client else "unknown"
-    return _caller_id("addr", host.encode("utf-8"))
+    return _caller_id(ADDRESS_CALLER, _ADDRESS_SALT + host.encode("utf-8"))
 
 
 def is_loopback(host: str) -> bool:
@@ -168,7 +190,7 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
-        path = str(scope.get("path", ""))
+        path = route_path(scope)
         if not self.keys.enabled or not is_protected(path):
             state["caller"] = address_caller(scope)
             await self.app(scope, receive, send)

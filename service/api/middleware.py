@@ -28,6 +28,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.auth import KEY_CALLER
 from service.api.disconnects import ClientDisconnectedError
 from service.api.problems import (
     http_problem,
@@ -263,7 +264,8 @@ class ObservabilityMiddleware:
             state = state if isinstance(state, dict) else {}
             images, caller = state.get("images"), state.get("caller")
             if self.label_callers:
-                self.metrics.caller_requests_total.labels(caller or "-", str(status)).inc()
+                keyed = caller if caller and caller.startswith(KEY_CALLER) else "-"
+                self.metrics.caller_requests_total.labels(keyed, str(status)).inc()
             path = template if template != "unmatched" else str(scope.get("path", ""))[:200]
             access_logger.log(
                 logging.WARNING if status >= 500 and status not in (503, 504) else logging.INFO,

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Generic, Literal, TypeVar
@@ -76,14 +77,15 @@ GroupObserver = Callable[[Hashable, int, float], None]
 class Batcher(Generic[T, R]):
     """A bounded queue of items with futures, in per-caller lanes, drained in batches.
 
-    ``max_batch_wait_s`` is only spent while :attr:`arriving` says more items are on their way
+    ``max_batch_wait_s`` is only spent while :meth:`arriving` says more items are on their way
     (a caller between admission and :meth:`put`, e.g. preprocessing); a lone item goes at once.
     ``on_group(key, size, seconds)`` is told about every handler call, failed ones included.
 
     Admission (:meth:`admit`, applied by :meth:`put`) is bounded in items (the queue, each lane)
     and, with ``max_wait_s``, in time: items whose predicted wait (:meth:`predicted_wait_s`,
-    from the items ahead and the measured time per item) is past it are refused, so the wait an
-    admitted caller gets does not depend on how fast the machine happens to be.
+    from the items ahead of them in round-robin order and the measured time per item) is past
+    it are refused, so the wait an admitted caller gets does not depend on how fast the
+    machine happens to be, and a caller flooding the queue does not get the others refused.
     """
 
     def __init__(
@@ -115,7 +117,7 @@ class Batcher(Generic[T, R]):
         self._closed = False
         self._loops = 0
         self._running = 0  # items in handler calls now
-        self.arriving = 0  # items about to be put (they make a batch worth waiting for)
+        self._arriving: Counter[Hashable] = Counter()  # items about to be put, by lane
         self.item_seconds = 0.0  # decaying average of handler-call durations per item
 
     @property
@@ -128,19 +130,39 @@ class Batcher(Generic[T, R]):
         queued = self._lanes.get(lane)
         return len(queued) if queued is not None else 0
 
-    def predicted_wait_s(self, count: int = 1) -> float:
-        """Seconds the last of ``count`` new items would wait for a worker: the items being
-        handled, queued and arriving ahead of it, at the measured time per item, over the
-        worker loops. 0 until a first batch has been measured."""
-        ahead = self._running + self._depth + self.arriving + max(0, count - 1)
-        return ahead * self.item_seconds / max(1, self._loops)
+    @contextmanager
+    def arriving(self, count: int, lane: Hashable = None) -> Iterator[None]:
+        """Announce ``count`` items of ``lane`` on their way (being preprocessed, say): a batch
+        being filled waits for them, and admission counts them as queued."""
+        self._arriving[lane] += count
+        try:
+            yield
+        finally:
+            self._arriving[lane] -= count
+            if self._arriving[lane] <= 0:
+                del self._arriving[lane]
+
+    def predicted_wait_s(self, count: int = 1, lane: Hashable = None) -> float:
+        """Seconds the last of ``count`` new items of ``lane`` would wait for a worker.
+
+        Batches take items round-robin across lanes, so ahead of it are its lane's earlier
+        items and, from every other lane, at most as many items as its own position; they fill
+        whole batches, each taking the measured time per item times the batch size, after the
+        batch being handled, shared by the worker loops. An idle batcher predicts 0.
+        """
+        position = self.lane_depth(lane) + self._arriving.get(lane, 0) + count
+        pending = Counter({key: len(items) for key, items in self._lanes.items()})
+        pending.update(self._arriving)
+        ahead = position - 1 + sum(min(n, position) for key, n in pending.items() if key != lane)
+        batches = ahead // self.max_batch_size + (1 if self._running else 0)
+        return batches * self.max_batch_size * self.item_seconds / max(1, self._loops)
 
     def admit(self, count: int, lane: Hashable = None) -> float:
         """Check that ``count`` items of ``lane`` may queue now; return their predicted wait.
 
         Raises :class:`QueueFullError` past the queue's bound, the lane's, or the wait bound.
         """
-        wait = self.predicted_wait_s(count)
+        wait = self.predicted_wait_s(count, lane)
         retry = max(1.0, math.ceil(wait))
         if self._depth + count > self.max_queue_size:
             raise QueueFullError("queue", self._depth, self.max_queue_size, retry, wait)
@@ -242,7 +264,7 @@ class Batcher(Generic[T, R]):
             entry = self._take()
             if entry is None:
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0 or self.arriving == 0 or self._closed:
+                if remaining <= 0 or not self._arriving or self._closed:
                     break
                 self._wakeup.clear()
                 try:

@@ -238,7 +238,7 @@ class Runtime:
         self, name: str, jobs: Sequence[PredictJob], caller: str | None
     ) -> list[PredictOutcome]:
         served = self._ready(name)
-        tensors, geometries, prep_s = await self._prepare(served, [j.image for j in jobs])
+        tensors, geometries, prep_s = await self._prepare(served, [j.image for j in jobs], caller)
         computed = await self._submit(served, [WorkItem("predict", t) for t in tensors], caller)
         return [
             PredictOutcome(c.value.probabilities, geometry, _timings(prep_s, c))
@@ -269,7 +269,7 @@ class Runtime:
                 [r for r, job in zip(requests, jobs, strict=True) if job.method == method],
                 self._config.scorecam_max_forward_passes,
             )
-        tensors, geometries, prep_s = await self._prepare(served, [j.image for j in jobs])
+        tensors, geometries, prep_s = await self._prepare(served, [j.image for j in jobs], caller)
         items = [
             WorkItem("explain", tensor, request, job.method, job.post)
             for tensor, request, job in zip(tensors, requests, jobs, strict=True)
@@ -302,21 +302,18 @@ class Runtime:
         )
 
     async def _prepare(
-        self, served: ServedModel, images: Sequence[DecodedImage]
+        self, served: ServedModel, images: Sequence[DecodedImage], caller: str | None
     ) -> tuple[list[torch.Tensor], list[Geometry], float]:
         started = time.perf_counter()
         cfg = served.replicas[0].preprocessing
-        served.batcher.arriving += len(images)
-        try:
+        # The caller queues its items right after, with no await in between.
+        with served.batcher.arriving(len(images), caller):
             prepared = await asyncio.gather(
                 *(
                     self._on_cpu(partial(preprocess, image.image, cfg, (image.width, image.height)))
                     for image in images
                 )
             )
-        finally:
-            # The caller queues its items right after, with no await in between.
-            served.batcher.arriving -= len(images)
         seconds = (time.perf_counter() - started) / max(1, len(images))
         return [t for t, _ in prepared], [g for _, g in prepared], seconds
 

@@ -163,7 +163,8 @@ def test_without_keys_the_service_is_open_and_says_so_loudly_off_loopback(
 @pytest.mark.parametrize(
     ("keys", "message"),
     [
-        (["short"], "GRADCAM_API_KEYS: entry 0: a key must be at least 16 characters"),
+        (["short"], "GRADCAM_API_KEYS: entry 0: a key must be at least 16 printable ASCII"),
+        (["clé-non-ascii-0123456789"], "printable ASCII"),
         ([PLAIN, "sha256:abc"], "GRADCAM_API_KEYS: entry 1: a digest must be"),
         (["has a space in the key"], "without spaces"),
     ],
@@ -187,3 +188,24 @@ def test_keys_stay_hidden_in_the_settings_repr() -> None:
     settings = Settings(api_keys=[PLAIN])
     assert PLAIN not in repr(settings)
     assert PLAIN not in str(settings.model_dump())
+
+
+def test_keys_are_required_behind_a_root_path_too(
+    make_settings: SettingsFactory, until_ready: ReadyWaiter
+) -> None:
+    app = create_app(make_settings(api_keys=[PLAIN]))
+    with TestClient(app, root_path="/gradcam") as client:
+        until_ready(client)
+        for path in ("/gradcam/v1/models", "/gradcam/metrics"):
+            assert client.get(path).status_code == 401, path
+        assert client.get("/gradcam/v1/models", headers={"X-API-Key": PLAIN}).status_code == 200
+        assert client.get("/gradcam/livez").status_code == 200
+
+
+def test_only_keys_become_metric_labels_never_client_addresses(secured: TestClient) -> None:
+    secured.get("/livez")
+    secured.get("/v1/models", headers={"X-API-Key": PLAIN})
+    metrics = secured.get("/metrics", headers={"X-API-Key": PLAIN}).text
+    labels = [line for line in metrics.splitlines() if line.startswith("gradcam_caller_requests")]
+    assert any('caller="key-' in line for line in labels)
+    assert not any("addr-" in line for line in labels)

@@ -42,6 +42,28 @@ def slow_batches() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _served(
+    settings_factory: SettingsFactory,
+    tiny_spec: ModelSpec,
+    until_ready: ReadyWaiter,
+    **overrides: Any,
+) -> Iterator[TestClient]:
+    """The tiny model behind the two keys, batches of 4, 24 images per caller."""
+    settings = settings_factory(
+        models=[tiny_spec],
+        api_keys=[HEAVY, LIGHT],
+        max_batch_size=4,
+        max_queue_size=64,
+        max_queued_per_caller=24,
+        cpu_workers=2,
+        **overrides,
+    )
+    with TestClient(create_app(settings)) as client:
+        until_ready(client)
+        yield client
+
+
 @pytest.fixture(scope="module")
 def two_keys(
     settings_factory: SettingsFactory,
@@ -49,17 +71,20 @@ def two_keys(
     until_ready: ReadyWaiter,
     slow_batches: None,
 ) -> Iterator[TestClient]:
-    settings = settings_factory(
-        models=[tiny_spec],
-        api_keys=[HEAVY, LIGHT],
-        max_batch_size=4,
-        max_queue_size=64,
-        max_queued_per_caller=24,
-        max_queue_wait_ms=60_000,  # bounds in images here, not in time
-        cpu_workers=2,
-    )
-    with TestClient(create_app(settings)) as client:
-        until_ready(client)
+    """With the default wait bound (2 s)."""
+    with _served(settings_factory, tiny_spec, until_ready) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def two_keys_counted(
+    settings_factory: SettingsFactory,
+    tiny_spec: ModelSpec,
+    until_ready: ReadyWaiter,
+    slow_batches: None,
+) -> Iterator[TestClient]:
+    """With the queue bounded in images only, so that a caller reaches its own bound."""
+    with _served(settings_factory, tiny_spec, until_ready, max_queue_wait_ms=60_000) as client:
         yield client
 
 
@@ -109,12 +134,12 @@ def test_a_flood_from_one_key_delays_another_keys_request_by_at_most_one_batch(
 
 
 def test_a_caller_past_its_queue_bound_gets_429_while_others_are_served(
-    two_keys: TestClient, make_image: ImageFactory
+    two_keys_counted: TestClient, make_image: ImageFactory
 ) -> None:
     image = make_image(32, 32)
-    with _flood(two_keys, image, requests=7, queued=20):
-        over = _predict(two_keys, HEAVY, [image] * 4)
-        light = _predict(two_keys, LIGHT, [image] * 4)
+    with _flood(two_keys_counted, image, requests=7, queued=20):
+        over = _predict(two_keys_counted, HEAVY, [image] * 4)
+        light = _predict(two_keys_counted, LIGHT, [image] * 4)
     assert over.status_code == 429, over.text
     assert over.json()["code"] == "caller_limit"
     assert "limit 24 per caller" in over.json()["detail"]

@@ -49,10 +49,10 @@ def test_concurrent_callers_share_a_batch_and_each_gets_its_own_result() -> None
     async def scenario() -> tuple[list[list[Batched[int]]], list[list[int]]]:
         batcher = _batcher()
         handler = Recorder()
-        batcher.arriving = 1  # more items on their way: worth waiting for
-        results = asyncio.gather(*(batcher.submit([i, 10 + i]) for i in range(2)))
-        loops = [asyncio.create_task(batcher.run(handler))]
-        answers = await results
+        with batcher.arriving(1):  # more items on their way: worth waiting for
+            results = asyncio.gather(*(batcher.submit([i, 10 + i]) for i in range(2)))
+            loops = [asyncio.create_task(batcher.run(handler))]
+            answers = await results
         await _stop(batcher, loops)
         return answers, handler.calls
 
@@ -67,11 +67,10 @@ def test_a_full_batch_goes_at_once_and_the_rest_waits_for_the_next() -> None:
     async def scenario() -> list[list[int]]:
         batcher = _batcher(max_batch_size=2, max_batch_wait_s=10.0)
         handler = Recorder()
-        batcher.arriving = 1  # would hold a partial batch for the whole (long) budget
-        loops = [asyncio.create_task(batcher.run(handler))]
-        first = asyncio.create_task(batcher.submit([1, 2]))
-        await asyncio.wait_for(first, 1.0)  # full: no wait for the 10 s budget
-        batcher.arriving = 0
+        with batcher.arriving(1):  # would hold a partial batch for the whole (long) budget
+            loops = [asyncio.create_task(batcher.run(handler))]
+            first = asyncio.create_task(batcher.submit([1, 2]))
+            await asyncio.wait_for(first, 1.0)  # full: no wait for the 10 s budget
         await asyncio.wait_for(batcher.submit([3]), 1.0)
         await _stop(batcher, loops)
         return handler.calls
@@ -98,11 +97,10 @@ def test_the_wait_budget_lets_arriving_items_join_the_batch() -> None:
         batcher = _batcher(max_batch_wait_s=0.5)
         handler = Recorder()
         loops = [asyncio.create_task(batcher.run(handler))]
-        batcher.arriving = 1
-        early = asyncio.create_task(batcher.submit([1]))
-        await asyncio.sleep(0.05)
-        late = asyncio.create_task(batcher.submit([2]))
-        batcher.arriving = 0
+        with batcher.arriving(1):
+            early = asyncio.create_task(batcher.submit([1]))
+            await asyncio.sleep(0.05)
+            late = asyncio.create_task(batcher.submit([2]))
         await asyncio.gather(early, late)
         await _stop(batcher, loops)
         return handler.calls
@@ -124,45 +122,71 @@ def test_items_past_the_queue_bound_are_all_refused_and_none_queued() -> None:
     assert depth == 2
 
 
-def test_predicted_wait_counts_the_items_ahead_at_the_measured_time_per_item() -> None:
-    async def scenario() -> tuple[float, float, float]:
-        batcher = _batcher(max_batch_size=2, max_queue_size=100)
+def test_predicted_wait_counts_whole_batches_ahead_in_round_robin_order() -> None:
+    async def scenario() -> dict[str, float]:
+        batcher = _batcher(max_batch_size=4, max_queue_size=100)
         handler = Recorder()
         loops = [asyncio.create_task(batcher.run(handler)) for _ in range(2)]
-        batcher.item_seconds = 0.5
+        await asyncio.sleep(0)  # the loops start
+        batcher.item_seconds = 0.5  # a batch of 4: 2 s
+        idle = batcher.predicted_wait_s(16, lane="heavy")
         handler.release.clear()
-        batcher.put(list(range(4)))
-        await asyncio.sleep(0.05)  # two batches of 2 taken by the loops, held by the handler
-        batcher.put(list(range(6)))
-        batcher.arriving = 2
-        alone, ten = batcher.predicted_wait_s(), batcher.predicted_wait_s(10)
-        admitted_wait = batcher.admit(1)
+        batcher.put(list(range(8)), lane="heavy")
+        await asyncio.sleep(0.05)  # one batch of 4 in each loop, held by the handler
+        batcher.put(list(range(12)), lane="heavy")
+        with batcher.arriving(2, lane="other"):
+            waits = {
+                "idle": idle,
+                "light": batcher.predicted_wait_s(1, lane="light"),
+                "light, 6": batcher.predicted_wait_s(6, lane="light"),
+                "heavy": batcher.predicted_wait_s(1, lane="heavy"),
+                "admitted": batcher.admit(1, lane="light"),
+            }
         handler.release.set()
-        batcher.arriving = 0
         await _stop(batcher, loops)
-        assert admitted_wait == alone
-        return alone, ten, batcher.item_seconds
+        waits["measured"] = batcher.item_seconds
+        return waits
 
-    alone, ten, measured = _run(scenario())
-    assert alone == pytest.approx((4 + 6 + 2) * 0.5 / 2)  # running + queued + arriving
-    assert ten == pytest.approx((4 + 6 + 2 + 9) * 0.5 / 2)
-    assert measured < 0.5, "the average follows the measured (fast) batches"
+    waits = _run(scenario())
+    # Idle: the 16th item waits for the first 15 to fill 3 batches of 4, shared by 2 loops.
+    assert waits["idle"] == pytest.approx(3 * 2.0 / 2)
+    # A new caller's item: 1 from each of the 2 other lanes ahead, then the running batches.
+    assert waits["light"] == pytest.approx(1 * 2.0 / 2) == waits["admitted"]
+    # Its 6th item: its 5 + min(12, 6) heavy + 2 arriving = 13 ahead: 3 batches, + running.
+    assert waits["light, 6"] == pytest.approx(4 * 2.0 / 2)
+    # The heavy caller's next item: its 12 + 2 arriving ahead: 3 batches, + running.
+    assert waits["heavy"] == pytest.approx(4 * 2.0 / 2)
+    assert waits["measured"] < 0.5, "the average follows the measured (fast) batches"
 
 
 def test_items_predicted_to_wait_past_the_bound_are_refused_with_the_time_to_retry() -> None:
     async def scenario() -> QueueFullError:
-        batcher = _batcher(max_queue_size=100, max_wait_s=2.0)
-        batcher.item_seconds = 0.25
-        batcher.put(list(range(8)))  # 8 x 0.25 s ahead: 2 s, still admitted
+        batcher = _batcher(max_batch_size=4, max_queue_size=100, max_wait_s=2.0)
+        batcher.item_seconds = 0.25  # a batch: 1 s
+        batcher.put(list(range(8)))  # its last item waits for 1 batch: admitted
         with pytest.raises(QueueFullError) as refused:
-            batcher.put(list(range(4)))  # its last item would wait (8 + 3) x 0.25 s
+            batcher.put(list(range(5)))  # 12 ahead of its last item: 3 batches
         return refused.value
 
     refused = _run(scenario())
     assert refused.scope == "wait"
-    assert refused.predicted_wait_s == pytest.approx(2.75)
+    assert refused.predicted_wait_s == pytest.approx(3.0)
     assert refused.retry_after_s == 1.0
     assert refused.limit == 2.0
+
+
+def test_a_flooding_lane_does_not_get_a_new_callers_request_refused_for_time() -> None:
+    async def scenario() -> tuple[QueueFullError, float]:
+        batcher = _batcher(max_batch_size=4, max_queue_size=100, max_wait_s=2.0)
+        batcher.item_seconds = 0.25
+        batcher.put(list(range(12)), lane="heavy")  # its last item: 2 batches ahead, 2 s
+        with pytest.raises(QueueFullError) as heavy:
+            batcher.put([1], lane="heavy")  # behind its own 12: 3 batches
+        return heavy.value, batcher.admit(1, lane="light")
+
+    heavy, light = _run(scenario())
+    assert heavy.scope == "wait"
+    assert light == 0.0, "one item of another lane goes in the next batch"
 
 
 def test_a_failing_group_fails_only_its_callers() -> None:
@@ -175,11 +199,10 @@ def test_a_failing_group_fails_only_its_callers() -> None:
         )
         handler = Recorder()
         handler.fail_on = {3}
-        batcher.arriving = 1
-        calls = [batcher.submit([i]) for i in range(4)]
-        loops = [asyncio.create_task(batcher.run(handler))]
-        answers = await asyncio.gather(*calls, return_exceptions=True)
-        batcher.arriving = 0
+        with batcher.arriving(1):
+            calls = [batcher.submit([i]) for i in range(4)]
+            loops = [asyncio.create_task(batcher.run(handler))]
+            answers = await asyncio.gather(*calls, return_exceptions=True)
         after = await batcher.submit([6])
         await _stop(batcher, loops)
         return [*answers, after], handler.calls

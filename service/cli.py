@@ -19,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from service.config import ConfigError, Settings, validation_summary
 
@@ -83,8 +84,11 @@ def _load_settings() -> Settings | None:
         return Settings()
     except ValidationError as exc:
         problems = validation_summary(exc, as_variables=True)
-        print(f"gradcam-service: invalid configuration: {problems}", file=sys.stderr)
-        return None
+    except SettingsError as exc:  # a list setting that is not JSON, e.g. GRADCAM_API_KEYS
+        # Its message names the variable; the value is never quoted (it may be a secret).
+        problems = str(exc).split(":", 1)[0]
+    print(f"gradcam-service: invalid configuration: {problems}", file=sys.stderr)
+    return None
 
 
 def _already_shut_down(signum: int, frame: FrameType | None) -> None:

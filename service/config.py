@@ -281,6 +281,19 @@ class Settings(BaseSettings):
         check_unique_names(self.models)
         return self
 
+    @model_validator(mode="after")
+    def _requests_fit_the_queues(self) -> Settings:
+        """A request the API accepts must fit the queues, or it would get 429 forever."""
+        room = min(self.max_queue_size, self.max_queued_per_caller)
+        if self.max_images_per_request > room:
+            raise ValueError(
+                f"GRADCAM_MAX_IMAGES_PER_REQUEST ({self.max_images_per_request}) is more than a"
+                f" model's queue takes from one caller (GRADCAM_MAX_QUEUE_SIZE"
+                f" {self.max_queue_size}, GRADCAM_MAX_QUEUED_PER_CALLER"
+                f" {self.max_queued_per_caller}): such requests could never be served."
+            )
+        return self
+
     def runtime_config(self) -> RuntimeConfig:
         """The runtime's view of these settings."""
         return RuntimeConfig(

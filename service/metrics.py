@@ -77,8 +77,8 @@ class Metrics:
         )
         self.rejected_total = Counter(
             "gradcam_rejected_total",
-            "Images refused before compute, by model and reason (overloaded, queue_wait,"
-            " caller_limit, deadline).",
+            "Refusals by model and reason: images refused before compute (overloaded,"
+            " queue_wait, caller_limit) and requests past their deadline (deadline).",
             ["model", "reason"],
             registry=self.registry,
         )

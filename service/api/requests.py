@@ -273,6 +273,15 @@ class ExplainParams(DisplayParams):
     def _single_to_list(cls, value: object) -> object:
         return _as_list(value)
 
+    @field_validator("target")
+    @classmethod
+    def _form_indices(cls, value: list[int | str], info: ValidationInfo) -> list[int | str]:
+        """A form field is text: digits there are a class index. In JSON an index is a number
+        and a string is always a label."""
+        if (info.context or {}).get(FORM_CONTEXT):
+            return [int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v for v in value]
+        return value
+
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:

@@ -365,6 +365,10 @@ def _pixel_module(ds: Dataset) -> _Pixels:
             f" supported; accepted: {', '.join(GREY_INTERPRETATIONS + COLOUR_INTERPRETATIONS)}.",
             allowed=[DICOM_FORMAT],
         )
+    if ds.PhotometricInterpretation != photometric:
+        # The decoders and the display pipeline read the attribute itself: give them the
+        # standard spelling of a value written in lower case or with padding.
+        ds.PhotometricInterpretation = photometric
     expected_samples = 1 if photometric in (*GREY_INTERPRETATIONS, "PALETTE COLOR") else 3
     if (
         min(rows, columns, frames) < 1

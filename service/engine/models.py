@@ -101,8 +101,9 @@ class LoadedModel:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def label_names(self) -> list[str]:
-        """Every name :meth:`target` accepts exactly: full labels and their first parts."""
-        return list(self._label_index)
+        """Every name :meth:`target` accepts exactly: full labels and their first parts, less
+        those that name several classes (ImageNet's two "crane"s)."""
+        return [name for name, hits in self._label_index.items() if len(hits) == 1]
 
     def layer_names(self, names: Sequence[str]) -> tuple[str, ...]:
         """The layers to explain: ``names``, or the model's default layer when there are none.
@@ -136,7 +137,8 @@ class LoadedModel:
         )
 
     def target(self, value: int | str) -> int:
-        """Resolve a class index or label name to an index, or raise UnknownTargetError."""
+        """Resolve a class index (an int, or a string of digits) or a label name to an index,
+        or raise UnknownTargetError."""
         if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
             index = int(value)
             if 0 <= index < self.num_classes:
@@ -145,6 +147,11 @@ class LoadedModel:
                 f"Class index {index} is outside model '{self.name}''s "
                 f"{self.num_classes} classes (0 to {self.num_classes - 1})."
             )
+        return self.label_target(value)
+
+    def label_target(self, value: str) -> int:
+        """Resolve a label name (exact, else case-insensitive) to its class index, or raise
+        UnknownTargetError; a string of digits is a label here, not an index."""
         hits = self._label_index.get(value) or self._folded_index.get(value.casefold(), [])
         if len(hits) == 1:
             return hits[0]

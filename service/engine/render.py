@@ -4,8 +4,9 @@ A heatmap here is a float ``HxW`` array meant to lie in [0, 1]. Colouring uses 2
 tables (``_colormaps.LUTS``, sampled from matplotlib and committed as data, so matplotlib is not
 needed at run time). Two defects of the original script are avoided by construction: the LUT
 index is clipped (``1.0`` maps to the last entry instead of wrapping to the first, which made
-high values black), and overlays are blended in float and clipped before going back to uint8
-(adding in uint8 wrapped bright pixels around to dark ones).
+high values black), and overlays are blended in 16-bit fixed point, which cannot overflow
+(adding in uint8 wrapped bright pixels around to dark ones). PNGs are written by
+:func:`encode_png`, made for speed.
 """
 
 from __future__ import annotations

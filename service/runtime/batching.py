@@ -70,7 +70,9 @@ class _Entry(Generic[T, R]):
     queued: bool = True  # still in its lane (not taken by a worker, not dropped)
 
 
-Handler = Callable[[list[T]], Awaitable[Sequence[R]]]
+#: Takes a group's items, returns one result per item, in order: a value, or the exception
+#: that item alone failed with. An exception it raises fails the whole group.
+Handler = Callable[[list[T]], Awaitable[Sequence[R | BaseException]]]
 GroupObserver = Callable[[Hashable, int, float], None]
 
 
@@ -303,7 +305,11 @@ class Batcher(Generic[T, R]):
             if self._on_group is not None:
                 self._on_group(key, len(group), seconds)
         for entry, value in zip(group, results, strict=True):
-            if not entry.future.done():
+            if entry.future.done():
+                continue
+            if isinstance(value, BaseException):
+                entry.future.set_exception(value)
+            else:
                 entry.future.set_result(
                     Batched(value, len(group), started - entry.enqueued, seconds)
                 )

@@ -55,16 +55,25 @@ class Computed:
     maps: list[CamMap]
 
 
-def run_group(replica: LoadedModel, group: list[WorkItem], config: RuntimeConfig) -> list[Computed]:
+def run_group(
+    replica: LoadedModel, group: list[WorkItem], config: RuntimeConfig
+) -> list[Computed | BaseException]:
     """Run one homogeneous group on a replica (in the replica's own thread)."""
     try:
-        return run_batch(replica, group, config)
+        return list(run_batch(replica, group, config))
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         if len(group) == 1:
             raise
     # Out of memory on a batch: run its images one at a time so each caller gets its own fate.
-    return [run_batch(replica, [item], config)[0] for item in group]
+    results: list[Computed | BaseException] = []
+    for item in group:
+        try:
+            results.append(run_batch(replica, [item], config)[0])
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            results.append(exc)
+    return results
 
 
 def run_batch(replica: LoadedModel, group: list[WorkItem], config: RuntimeConfig) -> list[Computed]:
@@ -115,15 +124,18 @@ class ServedModel:
 
     def _handler(
         self, replica: LoadedModel, executor: ThreadPoolExecutor
-    ) -> Callable[[list[WorkItem]], Awaitable[list[Computed]]]:
-        async def handle(group: list[WorkItem]) -> list[Computed]:
+    ) -> Callable[[list[WorkItem]], Awaitable[list[Computed | BaseException]]]:
+        async def handle(group: list[WorkItem]) -> list[Computed | BaseException]:
             loop = asyncio.get_running_loop()
             try:
-                return await loop.run_in_executor(executor, run_group, replica, group, self._config)
+                results = await loop.run_in_executor(
+                    executor, run_group, replica, group, self._config
+                )
             except ServiceError:
                 raise
             except Exception as exc:
                 raise self._worker_error(exc, len(group)) from None
+            return [self._worker_error(r, 1) if isinstance(r, Exception) else r for r in results]
 
         return handle
 

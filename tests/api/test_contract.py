@@ -62,6 +62,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "GRADCAM_MODELS": json.dumps([TINY]),
         "GRADCAM_API_KEYS": json.dumps([KEY]),
         "GRADCAM_MAX_IMAGES_PER_REQUEST": "4",
+        # Score-CAM on a busy CPU can take seconds an image; a 2 s wait bound would then answer
+        # most explains with 429 and leave the logic behind them untested.
+        "GRADCAM_MAX_QUEUE_WAIT_MS": "120000",
     }
     log = (tmp_path_factory.mktemp("contract") / "server.log").open("w+")
     process = subprocess.Popen([str(SERVER)], env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -402,3 +402,15 @@ def test_grey_and_palette_images_are_accepted(client: TestClient, make_image: Im
     assert response.status_code == 200, response.text
     modes = [r["original"]["mode"] for r in response.json()["results"]]
     assert modes == ["L", "P"]
+
+
+def test_in_json_a_string_of_digits_is_a_label_and_a_number_an_index(
+    client: TestClient, png: bytes
+) -> None:
+    body = {"images": [{"data": base64.b64encode(png).decode()}], "overlay": "none"}
+    as_label = client.post("/v1/models/tiny/explain", json={**body, "target": ["3"]})
+    assert as_label.status_code == 422, as_label.text
+    assert as_label.json()["code"] == "unknown_target"
+    as_index = client.post("/v1/models/tiny/explain", json={**body, "target": [3]})
+    assert as_index.status_code == 200, as_index.text
+    assert as_index.json()["results"][0]["explanations"][0]["target"]["label"] == "fish"

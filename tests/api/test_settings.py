@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from service.cli import main
 from service.config import ConfigError, Settings, get_settings, load_models_file
 from service.engine.images import ImageLimits
 from service.runtime.config import RuntimeConfig
@@ -175,3 +176,20 @@ def test_cors_origins_are_read_as_exact_browser_origins(monkeypatch: pytest.Monk
 def test_cors_origins_that_a_browser_never_sends_are_refused(origin: str) -> None:
     with pytest.raises(ValidationError, match="is not an origin"):
         Settings(cors_origins=[origin])
+
+
+def test_a_request_limit_the_queues_could_never_take_is_refused_at_start() -> None:
+    with pytest.raises(ValidationError, match="could never be served"):
+        Settings(max_images_per_request=16, max_queued_per_caller=8)
+    Settings(max_images_per_request=8, max_queued_per_caller=8)
+
+
+def test_a_list_setting_that_is_not_json_stops_the_service_with_a_sentence(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GRADCAM_API_KEYS", '["secret-key-material-0123')
+    assert main(["serve"]) == 2
+    error = capsys.readouterr().err
+    assert "invalid configuration" in error
+    assert "api_keys" in error
+    assert "secret-key-material" not in error

@@ -147,6 +147,20 @@ def test_monochrome1_is_inverted_after_windowing(dicom_factory: DicomFactory) ->
     assert mono1.original_mode == "MONOCHROME1"
 
 
+def test_a_lower_case_photometric_interpretation_is_read_as_the_standard_one(
+    dicom_factory: DicomFactory,
+) -> None:
+    stored = ct_pixels()
+    standard = dicom_factory(stored, "MONOCHROME1", 12, **CT_WINDOW)
+    ds = pydicom.dcmread(io.BytesIO(standard))
+    ds.PhotometricInterpretation = "monochrome1"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    lower = decode_image(buffer.getvalue())
+    np.testing.assert_array_equal(shown(lower), shown(decode_image(standard)))
+    assert lower.original_mode == "MONOCHROME1"
+
+
 def test_without_a_window_the_percentile_range_is_shown_instead_of_wrapping(
     dicom_factory: DicomFactory,
 ) -> None:

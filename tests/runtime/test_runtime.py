@@ -250,6 +250,48 @@ def test_out_of_memory_batch_is_retried_image_by_image(monkeypatch: pytest.Monke
     assert sizes[1:] == [1, 1, 1]
 
 
+def test_an_image_that_alone_runs_out_of_memory_fails_only_its_caller(
+    monkeypatch: pytest.MonkeyPatch, gate: _Gate
+) -> None:
+    real = workers.run_batch
+    sizes: list[int] = []
+
+    def oom_on_batches_and_the_doomed_image(replica: Any, group: list[Any], config: Any) -> Any:
+        sizes.append(len(group))
+        if len(group) > 1 or group[0].request.top_k == 2:  # top_k=2 marks the doomed image
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(replica, group, config)
+
+    monkeypatch.setattr(workers, "run_batch", oom_on_batches_and_the_doomed_image)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    async def scenario() -> list[Any]:
+        runtime = await _started(RuntimeConfig(max_batch_size=4))
+        try:
+            fine = ExplainJob(image=_image(1), layers=("layer4",), outputs=NO_RENDER)
+            doomed = ExplainJob(image=_image(2), layers=("layer4",), top_k=2, outputs=NO_RENDER)
+            first = asyncio.create_task(runtime.explain("tiny", [fine], "a"))
+            await asyncio.sleep(0.2)  # taken by the worker, held at the gate
+            calls = [
+                runtime.explain("tiny", [job], caller)
+                for job, caller in ((doomed, "b"), (fine, "c"))
+            ]
+            queued = [asyncio.create_task(call) for call in calls]
+            await asyncio.sleep(0.1)
+            gate.open.set()  # the other two now go as one batch of 2
+            return await asyncio.gather(first, *queued, return_exceptions=True)
+        finally:
+            gate.open.set()
+            await runtime.stop()
+
+    first, second, third = _run(scenario)
+    assert sizes == [1, 2, 1, 1], "the batch of 2 ran out of memory, then image by image"
+    assert first[0].maps
+    assert third[0].maps
+    assert isinstance(second, WorkerError)
+    assert second.code == "out_of_memory"
+
+
 def test_stop_finishes_queued_work_then_refuses_new_requests() -> None:
     async def scenario() -> None:
         runtime = await _started(RuntimeConfig(max_batch_size=2))

@@ -81,6 +81,11 @@ def _with_hint(error: UnknownLayerError | UnknownTargetError, model: str) -> Ser
     )
 
 
+def _class_index(model: LoadedModel, value: int | str) -> int:
+    """A class given as a number (digits in a form field arrive as one) or as a label."""
+    return model.target(value) if isinstance(value, int) else model.label_target(value)
+
+
 def plan_explain(model: LoadedModel, params: ExplainParams) -> ExplainPlan:
     """Resolve layers and targets against the model, so that bad names fail before queueing.
 
@@ -100,7 +105,7 @@ def plan_explain(model: LoadedModel, params: ExplainParams) -> ExplainPlan:
             layers: tuple[str, ...] = (model.layer(index=params.layer_index).name,)
         else:
             layers = tuple(dict.fromkeys(model.layer(name).name for name in params.layer))
-        targets = tuple(dict.fromkeys(model.target(value) for value in params.target)) or None
+        targets = tuple(dict.fromkeys(_class_index(model, v) for v in params.target)) or None
     except (UnknownLayerError, UnknownTargetError) as exc:
         raise _with_hint(exc, model.name) from None
     post = (
@@ -177,13 +182,13 @@ router = APIRouter(prefix="/v1", tags=["models"], responses=problem_responses(40
 _UPLOAD_ERRORS = problem_responses(400, 404, 413, 415, 422, 429, 500, 503, 504)
 
 
-@router.get("/models", summary="List the served models")
+@router.get("/models", summary="List the served models", responses=problem_responses(503))
 async def list_models(runtime: RuntimeDep) -> ModelList:
     """Every configured model with its state; details once it is loaded."""
     return ModelList(models=[_model_info(runtime, spec) for spec in runtime.specs()])
 
 
-@router.get("/models/{model}", summary="Describe a model", responses=problem_responses(404))
+@router.get("/models/{model}", summary="Describe a model", responses=problem_responses(404, 503))
 async def describe_model(model: ModelName, runtime: RuntimeDep) -> ModelInfo:
     """Classes, preprocessing, default layer, device and weights (random ones are flagged)."""
     try:

@@ -1,5 +1,6 @@
-"""Command line: ``gradcam-service`` serves the API; ``gradcam-service export-openapi`` writes
-the OpenAPI document without loading any model. ``python -m service`` is the same command.
+"""Command line: ``gradcam-service`` serves the API; ``gradcam-service ray`` serves it on Ray
+Serve (N replicas; the ``ray`` extra); ``gradcam-service export-openapi`` writes the OpenAPI
+document without loading any model. ``python -m service`` is the same command.
 
 Configuration comes from ``GRADCAM_*`` environment variables (see :mod:`service.config`).
 """
@@ -10,9 +11,9 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -22,37 +23,11 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from service.config import ConfigError, Settings, validation_summary
+from service.logs import configure_logging
 
 logger = logging.getLogger("service")
 
 DEFAULT_OPENAPI_PATH = Path("openapi/openapi.json")
-
-
-class OneLineFormatter(logging.Formatter):
-    """``<UTC time> <LEVEL> <logger> <message>``, one line per record, tracebacks included."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        stamp += f".{int(record.msecs):03d}Z"
-        line = f"{stamp} {record.levelname:<7} {record.name} {record.getMessage()}"
-        if record.exc_info:
-            line += " exc_info=" + json.dumps(self.formatException(record.exc_info))
-        elif record.exc_text:
-            line += " exc_info=" + json.dumps(record.exc_text)
-        return line.replace("\n", "\\n")
-
-
-def configure_logging(level: str) -> None:
-    """Send every logger (uvicorn's included) through one one-line handler on stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
-        named = logging.getLogger(name)
-        named.handlers.clear()
-        named.propagate = True
 
 
 def openapi_document() -> dict[str, Any]:
@@ -79,9 +54,10 @@ def export_openapi(output: str) -> int:
     return 0
 
 
-def _load_settings() -> Settings | None:
+def _load_settings(**overrides: Any) -> Settings | None:
+    """The settings from the environment, with ``overrides`` (command-line options) on top."""
     try:
-        return Settings()
+        return Settings(**overrides)
     except ValidationError as exc:
         problems = validation_summary(exc, as_variables=True)
     except SettingsError as exc:  # a list setting that is not JSON, e.g. GRADCAM_API_KEYS
@@ -132,6 +108,65 @@ def serve() -> int:
     return 0
 
 
+def serve_on_ray(args: argparse.Namespace) -> int:
+    overrides = {
+        name: value
+        for name, value in (
+            ("ray_replicas", args.replicas),
+            ("ray_min_replicas", args.min_replicas),
+            ("ray_max_replicas", args.max_replicas),
+            ("ray_target_ongoing_requests", args.target_ongoing_requests),
+        )
+        if value is not None
+    }
+    settings = _load_settings(**overrides)
+    if settings is None:
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        from service.ray_serve.command import run
+    except ImportError as exc:
+        logger.error("Ray Serve is not installed (%s): pip install 'gradcam-service[ray]'", exc)
+        return 2
+    try:
+        settings = settings.with_models_inline()
+    except ConfigError as exc:
+        logger.error("invalid configuration: %s", exc)
+        return 2
+    return run(settings, num_cpus=args.num_cpus, object_store_mb=args.object_store_mb)
+
+
+def _add_ray_parser(commands: Any) -> None:
+    ray = commands.add_parser(
+        "ray",
+        help="serve the API on Ray Serve: a local Ray on loopback, or the cluster in RAY_ADDRESS",
+        description="Serve the same API on Ray Serve, N replicas each with its own models."
+        " Options override the GRADCAM_RAY_* settings. RAY_ADDRESS joins an existing cluster;"
+        " otherwise a local Ray is started on loopback and stopped on SIGTERM.",
+    )
+    scale = ray.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, metavar="N", help="a fixed number of replicas")
+    scale.add_argument("--max-replicas", type=int, metavar="N", help="autoscale up to N replicas")
+    ray.add_argument(
+        "--min-replicas", type=int, metavar="N", help="with --max-replicas: at least N (1)"
+    )
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        metavar="X",
+        help="autoscaling target of ongoing requests per replica (2 x GRADCAM_MAX_BATCH_SIZE)",
+    )
+    ray.add_argument(
+        "--num-cpus", type=int, metavar="N", help="CPUs of the local Ray (default: every core)"
+    )
+    ray.add_argument(
+        "--object-store-mb",
+        type=int,
+        metavar="MB",
+        help="object store of the local Ray (default: Ray's, 30%% of the memory)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradcam-service",
@@ -140,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="serve the API (the default)")
+    _add_ray_parser(commands)
     export = commands.add_parser(
         "export-openapi", help="write the OpenAPI document without loading any model"
     )
@@ -156,6 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "export-openapi":
         return export_openapi(args.output)
+    if args.command == "ray":
+        if (args.num_cpus or args.object_store_mb) and os.environ.get("RAY_ADDRESS"):
+            logger.error("--num-cpus and --object-store-mb size a local Ray, not RAY_ADDRESS's")
+            return 2
+        return serve_on_ray(args)
     return serve()
 
 

@@ -3,7 +3,8 @@
 :func:`get_settings` reads them once per process; the app keeps the ``Settings`` it was built
 with (``app.state.settings``, read by its endpoints' dependency); the runtime gets the plain
 :class:`~service.runtime.config.RuntimeConfig` it maps onto, and the models come from
-``GRADCAM_MODELS_FILE`` (YAML or JSON) when set, else ``GRADCAM_MODELS``.
+``GRADCAM_MODELS_FILE`` (YAML or JSON) when set, else ``GRADCAM_MODELS``. The ``ray_*``
+settings size the deployment on Ray Serve (:mod:`service.ray_serve`).
 """
 
 from __future__ import annotations
@@ -261,6 +262,48 @@ class Settings(BaseSettings):
     max_upsampled_side: MapSide = _RUNTIME.max_upsampled_side
     exact_decode: bool = _RUNTIME.exact_decode
 
+    # ---------------------------------------------------------------- scale out (Ray Serve)
+    ray_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=4096,
+        description="gradcam-service ray: replicas of the application, each one runtime with its"
+        " models, when it does not autoscale.",
+    )
+    ray_min_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="Autoscaling's lower bound (with GRADCAM_RAY_MAX_REPLICAS; default 1).",
+    )
+    ray_max_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Set it to autoscale between GRADCAM_RAY_MIN_REPLICAS and it on ongoing"
+        " requests per replica.",
+    )
+    ray_target_ongoing_requests: float | None = Field(
+        default=None,
+        gt=0,
+        description="Autoscaling's target of ongoing requests per replica (default twice"
+        " GRADCAM_MAX_BATCH_SIZE: one batch computing, the next one filling).",
+    )
+    ray_max_ongoing_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests Ray Serve hands one replica at once (default GRADCAM_MAX_QUEUE_SIZE"
+        " + GRADCAM_MAX_BATCH_SIZE, so that batches fill and the replica's own admission, not"
+        " Serve, answers overload).",
+    )
+    ray_gpus_per_replica: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs each replica reserves (default 1 when the Ray cluster has GPUs, else 0).",
+    )
+    ray_cpus_per_replica: float = Field(
+        default=1.0, ge=0, description="CPUs each replica reserves in the Ray cluster."
+    )
+
     @field_validator("log_level", "device", "autocast", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
@@ -294,6 +337,28 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> Settings:
+        if self.ray_min_replicas is not None and self.ray_max_replicas is None:
+            raise ValueError(
+                "GRADCAM_RAY_MIN_REPLICAS bounds autoscaling: set GRADCAM_RAY_MAX_REPLICAS too"
+                " (or GRADCAM_RAY_REPLICAS for a fixed count)"
+            )
+        if self.ray_max_replicas is not None and self.ray_max_replicas < (
+            self.ray_min_replicas or 1
+        ):
+            raise ValueError("GRADCAM_RAY_MAX_REPLICAS is below GRADCAM_RAY_MIN_REPLICAS")
+        if (
+            self.ray_max_ongoing_requests is not None
+            and self.ray_max_ongoing_requests < self.max_batch_size
+        ):
+            raise ValueError(
+                f"GRADCAM_RAY_MAX_ONGOING_REQUESTS ({self.ray_max_ongoing_requests}) is below"
+                f" GRADCAM_MAX_BATCH_SIZE ({self.max_batch_size}): a replica would never hold"
+                " enough requests to fill a batch"
+            )
+        return self
+
     def runtime_config(self) -> RuntimeConfig:
         """The runtime's view of these settings."""
         return RuntimeConfig(
@@ -321,6 +386,13 @@ class Settings(BaseSettings):
         if self.models_file is not None:
             return load_models_file(self.models_file)
         return list(self.models)
+
+    def with_models_inline(self) -> Settings:
+        """These settings with the models file read into ``models`` (weight paths made
+        absolute), for processes that may not see the file: Ray Serve's replicas."""
+        if self.models_file is None:
+            return self
+        return self.model_copy(update={"models": self.model_specs(), "models_file": None})
 
 
 @lru_cache

@@ -9,6 +9,8 @@ guard. The page at ``/`` and its assets come from :mod:`service.api.routes.page`
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
@@ -57,6 +59,12 @@ def _version() -> str:
         return "0.0.0"
 
 
+def default_replica_name() -> str:
+    """What ``X-Gradcam-Replica`` says outside Ray Serve: this host (a pod's name on
+    Kubernetes) and process."""
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
 def _operation_id(route: APIRoute) -> str:
     """Clean operation ids for generated clients: the handler's name (``explain``)."""
     return route.name
@@ -86,11 +94,14 @@ def create_app(
     runtime: Runtime | None = None,
     *,
     metrics: Metrics | None = None,
+    replica: str | None = None,
 ) -> FastAPI:
     """Build the application. Models start loading when it starts (its lifespan), not here.
 
-    ``runtime``: serve this runtime instead of building one from ``settings`` (tests); the app
-    still starts and stops it. ``metrics``: the registry to export (a fresh one by default).
+    ``runtime``: serve this runtime instead of building one from ``settings`` (a Ray Serve
+    replica, tests); the app still starts and stops it. ``metrics``: the registry to export (a
+    fresh one by default). ``replica``: the name model answers carry in ``X-Gradcam-Replica``
+    (default: host and process id).
     """
     settings = settings or get_settings()
     specs = settings.model_specs() if runtime is None else []  # config errors surface now
@@ -121,6 +132,7 @@ def create_app(
     app.state.keys = keys
     app.state.metrics = metrics
     app.state.runtime = None
+    app.state.replica = replica or default_replica_name()
 
     install_problem_handlers(app)
     app.include_router(models.router)

@@ -59,10 +59,11 @@ def upload_too_large(max_bytes: int) -> PayloadTooLargeError:
 
 
 #: What a page on an allowed origin may send, and which response headers its script may read
-#: (besides the CORS-safelisted ones): when to retry, and that an API key is required.
+#: (besides the CORS-safelisted ones): when to retry, that an API key is required, and which
+#: replica computed an answer.
 CORS_METHODS: tuple[str, ...] = ("GET", "POST")
 CORS_REQUEST_HEADERS: tuple[str, ...] = ("Authorization", "X-API-Key", "Content-Type")
-CORS_EXPOSED_HEADERS: tuple[str, ...] = ("Retry-After", "WWW-Authenticate")
+CORS_EXPOSED_HEADERS: tuple[str, ...] = ("Retry-After", "WWW-Authenticate", "X-Gradcam-Replica")
 
 
 class CorsMiddleware(CORSMiddleware):

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
 from service.api import answers
@@ -181,6 +181,26 @@ router = APIRouter(prefix="/v1", tags=["models"], responses=problem_responses(40
 
 _UPLOAD_ERRORS = problem_responses(400, 404, 413, 415, 422, 429, 500, 503, 504)
 
+#: Names the replica that computed a model answer: how a client (and the scale-out test) sees
+#: which process of a scaled deployment did the work.
+REPLICA_HEADER = "X-Gradcam-Replica"
+_MODEL_ANSWER = {
+    200: {
+        "headers": {
+            REPLICA_HEADER: {
+                "description": "The replica that computed this answer: on Ray Serve its replica id"
+                " (GradCam#<id>), else the host and process id (<host>/<pid>).",
+                "schema": {"type": "string"},
+            }
+        }
+    },
+    **_UPLOAD_ERRORS,
+}
+
+
+def _name_replica(request: Request, response: Response) -> None:
+    response.headers[REPLICA_HEADER] = request.app.state.replica
+
 
 @router.get("/models", summary="List the served models", responses=problem_responses(503))
 async def list_models(runtime: RuntimeDep) -> ModelList:
@@ -211,11 +231,12 @@ async def list_layers(model: ModelDep) -> LayerList:
 @router.post(
     "/models/{model}/predict",
     summary="Classify images",
-    responses=_UPLOAD_ERRORS,
+    responses=_MODEL_ANSWER,
     openapi_extra=_request_body(PredictForm, PredictJsonRequest),
 )
 async def predict(
     request: Request,
+    response: Response,
     runtime: RuntimeDep,
     model: AdmittedModelDep,
     upload: PredictUpload,
@@ -226,17 +247,19 @@ async def predict(
     images, decode_s = await _decode(request, runtime, model, upload.blobs, upload.params)
     jobs = [PredictJob(image=image) for image in images]
     outcomes = await until_disconnected(request, runtime.predict(model.name, jobs, caller))
+    _name_replica(request, response)
     return answers.predict_response(model, images, outcomes, upload.params.top_k, decode_s)
 
 
 @router.post(
     "/models/{model}/explain",
     summary="Explain the model's decision on images (Grad-CAM and family)",
-    responses=_UPLOAD_ERRORS,
+    responses=_MODEL_ANSWER,
     openapi_extra=_request_body(ExplainForm, ExplainJsonRequest),
 )
 async def explain(
     request: Request,
+    response: Response,
     runtime: RuntimeDep,
     model: AdmittedModelDep,
     upload: ExplainUpload,
@@ -273,4 +296,5 @@ async def explain(
         for image in images
     ]
     outcomes = await until_disconnected(request, runtime.explain(model.name, jobs, caller))
+    _name_replica(request, response)
     return answers.explain_response(model, images, outcomes, params, decode_s)

@@ -194,7 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return export_openapi(args.output)
     if args.command == "ray":
         if (args.num_cpus or args.object_store_mb) and os.environ.get("RAY_ADDRESS"):
-            logger.error("--num-cpus and --object-store-mb size a local Ray, not RAY_ADDRESS's")
+            print(
+                "gradcam-service: --num-cpus and --object-store-mb size a local Ray; RAY_ADDRESS"
+                " names a running cluster, sized by itself",
+                file=sys.stderr,
+            )
             return 2
         return serve_on_ray(args)
     return serve()

@@ -57,6 +57,26 @@ def test_runtime_modules_import_no_api_or_web_framework(module: str) -> None:
     assert not sorted(m for m in imported if m.startswith(forbidden))
 
 
+#: The only modules that import Ray (the optional ``ray`` extra).
+RAY_MODULES = {"service.ray_serve.deployment", "service.ray_serve.command"}
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_only_the_ray_serve_modules_import_ray(module: str) -> None:
+    imports_ray = any(m == "ray" or m.startswith("ray.") for m in _imports(MODULES[module]))
+    assert imports_ray == (module in RAY_MODULES)
+
+
+def test_nothing_outside_ray_serve_imports_its_ray_modules() -> None:
+    """The plain server never loads Ray: only the CLI's ``ray`` command reaches it."""
+    importers = sorted(
+        name
+        for name, imported in GRAPH.items()
+        if imported & RAY_MODULES and not name.startswith("service.ray_serve")
+    )
+    assert importers == ["service.cli"]
+
+
 def test_no_import_cycle_between_service_modules() -> None:
     cycles: list[list[str]] = []
     done: set[str] = set()

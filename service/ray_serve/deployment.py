@@ -82,5 +82,12 @@ def cluster_has_gpus() -> bool:
 def build(args: dict[str, Any]) -> Application:
     """Serve's application builder for config files: ``args`` are settings by field name
     (``max_batch_size``, ``ray_max_replicas``, ...) over the ``GRADCAM_*`` variables of the
-    environment the application is built in (its ``runtime_env``)."""
+    environment the application is built in (its ``runtime_env``). An unknown name is refused
+    (the environment's unknown ``GRADCAM_*`` variables are ignored, a config file's typo not)."""
+    unknown = sorted(set(args) - set(Settings.model_fields))
+    if unknown:
+        raise ValueError(
+            f"Unknown settings in the application's args: {', '.join(unknown)}. They are the"
+            " service's settings by field name, e.g. max_batch_size, ray_max_replicas."
+        )
     return application(Settings(**args), cluster_has_gpus=cluster_has_gpus())

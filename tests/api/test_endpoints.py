@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.api.app import create_app
+from service.config import Settings
 from service.engine.methods import METHOD_NAMES
+from service.engine.spec import ModelSpec
 
 ImageFactory = Callable[..., bytes]
 
@@ -414,3 +419,29 @@ def test_in_json_a_string_of_digits_is_a_label_and_a_number_an_index(
     as_index = client.post("/v1/models/tiny/explain", json={**body, "target": [3]})
     assert as_index.status_code == 200, as_index.text
     assert as_index.json()["results"][0]["explanations"][0]["target"]["label"] == "fish"
+
+
+@pytest.mark.parametrize("endpoint", ["predict", "explain"])
+def test_model_answers_name_the_replica_that_computed_them(
+    client: TestClient, png: bytes, endpoint: str
+) -> None:
+    response = client.post(f"/v1/models/tiny/{endpoint}", files=_files(png))
+    assert response.status_code == 200, response.text
+    assert response.headers["x-gradcam-replica"] == f"{socket.gethostname()}/{os.getpid()}"
+    documented = client.get("/openapi.json").json()["paths"][f"/v1/models/{{model}}/{endpoint}"]
+    assert "X-Gradcam-Replica" in documented["post"]["responses"]["200"]["headers"]
+
+
+def test_the_replica_is_named_by_whoever_runs_the_app(
+    settings_factory: Callable[..., Settings],
+    until_ready: Callable[[TestClient], None],
+    tiny_spec: ModelSpec,
+    png: bytes,
+) -> None:
+    app = create_app(settings_factory(models=[tiny_spec]), replica="GradCam#abc123")
+    with TestClient(app) as named:
+        until_ready(named)
+        response = named.post("/v1/models/tiny/predict", files=_files(png))
+        assert response.status_code == 200, response.text
+        assert response.headers["x-gradcam-replica"] == "GradCam#abc123"
+        assert "x-gradcam-replica" not in named.get("/v1/models").headers

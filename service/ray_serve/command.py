@@ -14,9 +14,10 @@ import os
 import signal
 import time
 from types import FrameType
+from typing import Any
 
 from service.config import Settings
-from service.ray_serve.options import APP_NAME, describe
+from service.ray_serve.options import APP_NAME, DEPLOYMENT_NAME, describe
 
 logger = logging.getLogger("service.ray_serve")
 
@@ -34,6 +35,18 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     raise _StopSignal(signal.Signals(signum).name)
+
+
+def _deployment_failure(serve: Any) -> str:
+    """Why the deployment failed, as Serve recorded it: the last line of its message (a
+    replica's exception, e.g. the model that did not load), or nothing if Serve cannot say."""
+    try:
+        application = serve.status().applications[APP_NAME]
+        message = str(application.deployments[DEPLOYMENT_NAME].message)
+    except Exception:
+        return ""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return f" ({lines[-1]})" if lines else ""
 
 
 def run(
@@ -81,7 +94,7 @@ def run(
     except _StopSignal as stop:
         logger.info("%s: stopping the application%s", stop, "" if address else " and Ray")
     except Exception as exc:
-        logger.error("the application did not start: %s", exc)
+        logger.error("the application did not start: %s%s", exc, _deployment_failure(serve))
         status = 1
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,6 +17,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,10 @@ from service.config import Settings
 
 SCRIPT = Path(sys.executable).parent / "gradcam-service"
 LABELS = ["cat", "dog", "bird", "fish"]
-KWARGS = {"channels": [8, 16, 16, 16], "stem_width": 8}
+#: Wide enough that an image takes tens of milliseconds: requests arriving while a batch computes
+#: queue up, so the next batch holds several (a tinier model is done before the next arrives).
+KWARGS = {"channels": [32, 64, 128, 256], "stem_width": 32}
+SIZE = 128
 IMAGES = 8
 REQUESTS = 48
 CONCURRENCY = 16
@@ -92,7 +98,7 @@ def models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "num_classes": len(LABELS),
         "weights": "small.safetensors",
         "labels": LABELS,
-        "preprocessing": {"input_size": [64, 64], "crop_pct": 1.0},
+        "preprocessing": {"input_size": [SIZE, SIZE], "crop_pct": 1.0},
         "model_kwargs": KWARGS,
     }
     path = folder / "models.yaml"
@@ -145,14 +151,44 @@ async def _explain_concurrently(base: str, images: list[bytes]) -> list[tuple[in
         return await asyncio.gather(*(one(i) for i in range(REQUESTS)))
 
 
-def test_two_replicas_answer_concurrent_explains_in_batches_with_the_single_process_maps(
-    tmp_path: Path,
-    models_file: Path,
-    single_process_maps: list[tuple[np.ndarray, np.ndarray]],
-) -> None:
+@dataclass
+class RayCommand:
+    """``gradcam-service ray`` as a test started it: its process, URL and output."""
+
+    process: subprocess.Popen[str]
+    base: str
+    run: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, f"it exited early:\n{self.output()[-6000:]}"
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"not ready in {timeout:g} s:\n{self.output()}"
+            time.sleep(0.2)
+
+    def left_behind(self, grace: float = 10.0) -> list[int]:
+        """Processes it started that are still there ``grace`` seconds after it exited."""
+        deadline = time.monotonic() + grace
+        while (left := _marked(self.run)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left
+
+
+@contextmanager
+def ray_command(tmp_path: Path, models_file: Path, *options: str) -> Iterator[RayCommand]:
+    """Start the command on a local Ray of 2 CPUs and a 100 MB object store; SIGTERM it at the
+    end if it still runs (SIGKILL to its whole session if that does not stop it)."""
     run = uuid.uuid4().hex
     port = _free_port()
-    base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADCAM_", "RAY_"))} | {
         MARKER: run,
         "GRADCAM_PORT": str(port),
@@ -161,36 +197,43 @@ def test_two_replicas_answer_concurrent_explains_in_batches_with_the_single_proc
         "GRADCAM_CPU_WORKERS": "1",
         "GRADCAM_MAX_BATCH_WAIT_MS": "20",
         "GRADCAM_GRACEFUL_SHUTDOWN_S": "10",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "disabled",
     }
-    command = [str(SCRIPT), "ray", "--replicas", "2", "--num-cpus", "2", "--object-store-mb", "100"]
-    log = (tmp_path / "ray.log").open("w+")
-    process = subprocess.Popen(
-        command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-    def output() -> str:
-        log.flush()
-        log.seek(0)
-        return log.read()[-6000:]
-
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, f"the command exited early:\n{output()}"
+    command = [str(SCRIPT), "ray", *options, "--num-cpus", "2", "--object-store-mb", "100"]
+    log = tmp_path / "ray.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=tmp_path,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            yield RayCommand(process, f"http://127.0.0.1:{port}", run, log)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
             try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"not ready in 120 s:\n{output()}"
-            time.sleep(0.2)
-        started = _marked(run)
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                raise
+
+
+def test_two_replicas_answer_concurrent_explains_in_batches_with_the_single_process_maps(
+    tmp_path: Path,
+    models_file: Path,
+    single_process_maps: list[tuple[np.ndarray, np.ndarray]],
+) -> None:
+    with ray_command(tmp_path, models_file, "--replicas", "2") as command:
+        command.wait_ready()
+        started = _marked(command.run)
         assert len(started) >= 4, "the driver, Ray's own processes and 2 replicas carry the marker"
 
         images = [_png(seed) for seed in range(IMAGES)]
-        answers = asyncio.run(_explain_concurrently(base, images))
+        answers = asyncio.run(_explain_concurrently(command.base, images))
 
         failed = [(r.status_code, r.text[:300]) for _, r in answers if r.status_code != 200]
         assert not failed, failed
@@ -205,20 +248,22 @@ def test_two_replicas_answer_concurrent_explains_in_batches_with_the_single_proc
             assert heatmap.max() > 0.99, "a map normalised to [0, 1], not an empty one"
             np.testing.assert_allclose(probabilities, expected_probabilities, atol=1e-5)
             np.testing.assert_allclose(heatmap, expected_heatmap, atol=1e-4)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            code = process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
-        finally:
-            text = output()
-            log.close()
-    assert code == 0, text
-    deadline = time.monotonic() + 10
-    while (left := _marked(run)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"processes left behind: {left}"
-    assert "Traceback" not in text, text
+    output = command.output()
+    assert command.process.returncode == 0, output[-6000:]
+    assert command.left_behind() == [], "SIGTERM must stop every process it started"
+    assert "Traceback" not in output, output[-6000:]
+
+
+def test_a_model_that_does_not_load_fails_the_command_with_its_reason(
+    tmp_path: Path, models_file: Path
+) -> None:
+    broken = tmp_path / "models.yaml"
+    entries = yaml.safe_load(models_file.read_text(encoding="utf-8"))
+    entries["models"][0]["weights"] = str(models_file.parent / "missing.safetensors")
+    broken.write_text(yaml.safe_dump(entries), encoding="utf-8")
+    with ray_command(tmp_path, broken, "--replicas", "1") as command:
+        code = command.process.wait(timeout=120)
+    assert code == 1, command.output()[-6000:]
+    (line,) = [x for x in command.output().splitlines() if "did not start" in x]
+    assert "missing.safetensors" in line, line
+    assert command.left_behind() == []

@@ -2,8 +2,9 @@
 
 Explain over HTTP on loopback (resnet50 with random weights, 224x224 JPEG uploads, the defaults a
 frontend gets) at concurrency 8 and 32: successful requests/s, p50 and p99 of successful
-requests, failing statuses, and how many replicas answered (``X-Gradcam-Replica``). Each system
-is started, measured and stopped in turn on the same machine, with the same total CPUs:
+requests, failing statuses, and how many replicas answered (``X-Gradcam-Replica``). Every system
+runs at once and they are measured in turn, in interleaved rounds, so that other work on the
+machine falls on all of them alike; each has the same CPUs:
 
 - ``single``: ``gradcam-service``, one process;
 - ``ray xN``: ``gradcam-service ray --replicas N`` on a local Ray of ``--num-cpus`` CPUs, each
@@ -21,10 +22,10 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,19 +44,22 @@ SCRIPT = Path(sys.executable).with_name("gradcam-service")
 
 @dataclass
 class Level:
+    """One system at one concurrency, pooled over the rounds."""
+
     system: str
     concurrency: int
-    requests: int
-    seconds: float = 0.0
+    requests: int = 0
+    rates: list[float] = field(default_factory=list)  # successful req/s of each round
     latencies: list[float] = field(default_factory=list)  # successful requests only
     statuses: dict[int, int] = field(default_factory=dict)
     replicas: set[str] = field(default_factory=set)
     batch_sizes: list[int] = field(default_factory=list)
-    load: float = 0.0  # the machine's 1-minute load average as the level started
+    loads: list[float] = field(default_factory=list)  # 1-minute load average at each round
 
     @property
     def rps(self) -> float:
-        return len(self.latencies) / self.seconds if self.seconds else 0.0
+        """The median over the rounds of successful requests/s."""
+        return statistics.median(self.rates) if self.rates else 0.0
 
     def pct(self, q: float) -> float:
         if not self.latencies:
@@ -67,13 +71,16 @@ class Level:
         return ", ".join(f"{v}x{k or 'conn'}" for k, v in bad.items()) or "-"
 
 
-async def measure(url: str, images: list[bytes], level: Level) -> None:
-    """``level.requests`` explain requests from ``level.concurrency`` closed-loop clients."""
-    counter = iter(range(level.requests))
+async def measure(url: str, images: list[bytes], level: Level, requests: int) -> None:
+    """``requests`` explain requests from ``level.concurrency`` closed-loop clients, added to
+    ``level`` as one round."""
+    counter = iter(range(requests))
+    ok = 0
     limits = httpx.Limits(max_connections=level.concurrency)
     async with httpx.AsyncClient(timeout=600.0, limits=limits) as client:
 
         async def worker() -> None:
+            nonlocal ok
             for i in counter:
                 files = {"image": (f"img{i}.jpg", images[i % len(images)], "image/jpeg")}
                 started = time.perf_counter()
@@ -84,6 +91,7 @@ async def measure(url: str, images: list[bytes], level: Level) -> None:
                     status = 0
                 level.statuses[status] = level.statuses.get(status, 0) + 1
                 if status == 200:
+                    ok += 1
                     level.latencies.append(time.perf_counter() - started)
                     level.replicas.add(response.headers.get("x-gradcam-replica", "?"))
                     timings = response.json()["results"][0]["timings"]
@@ -91,44 +99,29 @@ async def measure(url: str, images: list[bytes], level: Level) -> None:
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(level.concurrency)))
-        level.seconds = time.perf_counter() - started
+        level.rates.append(ok / (time.perf_counter() - started))
+    level.requests += requests
 
 
-def run_system(
-    system: str,
-    command: Sequence[str],
-    env: dict[str, str],
-    images: list[bytes],
-    levels: list[int],
-    per_client: int,
-) -> list[Level]:
-    port = int(env["GRADCAM_PORT"])
-    base = f"http://127.0.0.1:{port}"
-    url = f"{base}/v1/models/resnet50/explain"
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    rows = []
-    try:
-        wait_ready(base, process)
-        print(f"{system}: ready in {time.perf_counter() - started:.1f} s", flush=True)
-        # Warm-up: oneDNN and the allocator see every batch size before anything is measured.
-        asyncio.run(measure(url, images, Level(system, max(levels), 4 * max(levels))))
-        for concurrency in levels:
-            level = Level(system, concurrency, per_client * concurrency)
-            level.load = os.getloadavg()[0]
-            asyncio.run(measure(url, images, level))
-            print(
-                f"  c={concurrency:<3d} {level.rps:6.2f} req/s p50 {level.pct(50):7.1f} ms"
-                f" p99 {level.pct(99):7.1f} ms failed {level.failures()}"
-                f" replicas {len(level.replicas)}",
-                flush=True,
-            )
-            rows.append(level)
-    finally:
-        stop(process)
-    return rows
+@dataclass
+class System:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.env['GRADCAM_PORT']}/v1/models/resnet50/explain"
+
+    def start(self) -> None:
+        started = time.perf_counter()
+        quiet = subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            self.command, env=self.env, cwd=ROOT, stdout=quiet, stderr=quiet
+        )
+        wait_ready(self.url.split("/v1/")[0], self.process)
+        print(f"{self.name}: ready in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def main() -> None:
@@ -136,9 +129,9 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--per-client", type=int, default=12, help="requests per client")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--per-client", type=int, default=4, help="requests per client a round")
     parser.add_argument("--batch", type=int, default=8, help="GRADCAM_MAX_BATCH_SIZE")
-    parser.add_argument("--skip-single", action="store_true")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
 
@@ -155,10 +148,7 @@ def main() -> None:
         "GRADCAM_MAX_QUEUED_PER_CALLER": "256",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    rows: list[Level] = []
-    if not args.skip_single:
-        env = common | {"GRADCAM_PORT": str(free_port())}
-        rows += run_system("single", [str(SCRIPT)], env, images, args.levels, args.per_client)
+    systems = [System("single", [str(SCRIPT)], common | {"GRADCAM_PORT": str(free_port())})]
     for replicas in args.replicas:
         env = common | {
             "GRADCAM_PORT": str(free_port()),
@@ -166,7 +156,31 @@ def main() -> None:
         }
         command = [str(SCRIPT), "ray", "--replicas", str(replicas)]
         command += ["--num-cpus", str(args.num_cpus), "--object-store-mb", "500"]
-        rows += run_system(f"ray x{replicas}", command, env, images, args.levels, args.per_client)
+        systems.append(System(f"ray x{replicas}", command, env))
+
+    levels = {(s.name, c): Level(s.name, c) for s in systems for c in args.levels}
+    try:
+        for system in systems:
+            system.start()
+            # Warm-up: oneDNN and the allocator see every batch size before anything counts.
+            warm = Level(system.name, max(args.levels))
+            asyncio.run(measure(system.url, images, warm, 4 * max(args.levels)))
+        # Rounds interleave the systems, so that other work on the machine falls on all alike.
+        for round_ in range(args.rounds):
+            for concurrency in args.levels:
+                for system in systems:
+                    level = levels[(system.name, concurrency)]
+                    level.loads.append(os.getloadavg()[0])
+                    asyncio.run(measure(system.url, images, level, args.per_client * concurrency))
+                    print(
+                        f"round {round_ + 1} {system.name:7s} c={concurrency:<3d}"
+                        f" {level.rates[-1]:6.2f} req/s failed {level.failures()}",
+                        flush=True,
+                    )
+    finally:
+        for system in systems:
+            if system.process is not None:
+                stop(system.process)
 
     lines = [
         f"Scale-out benchmark, {time.strftime('%Y-%m-%d')}, device cpu, {os.cpu_count()} CPUs"
@@ -175,24 +189,29 @@ def main() -> None:
         f"Command: python bench/ray_bench.py {' '.join(sys.argv[1:])}",
         "",
         f"Explain, resnet50 (random weights), 224x224 JPEG, batch {args.batch}; Ray: a local"
-        f" cluster of {args.num_cpus} CPUs, each replica reserving its share. req/s counts"
-        " successful requests; p50/p99 over successful requests; 'replicas' answered"
-        " (X-Gradcam-Replica); 'batch' is the mean images per device batch; 'load' the"
-        " machine's 1-minute load average as the level started (other work on its cores)."
+        f" cluster of {args.num_cpus} CPUs per Ray system, each replica reserving its share. All"
+        f" systems run at once and are measured in turn, {args.rounds} interleaved rounds of"
+        f" {args.per_client} requests per client. req/s: median over the rounds of successful"
+        " requests/s; p50/p99 over every successful request of the rounds; 'replicas' that"
+        " answered (X-Gradcam-Replica); 'batch': mean images per device batch; 'load': the"
+        " machine's 1-minute load average at the rounds (median; other work on its cores)."
         " Admission by predicted wait is lifted (GRADCAM_MAX_QUEUE_WAIT_MS=600000): closed-loop"
         " clients measure capacity, not overload.",
         "",
-        "| system | concurrency | requests | ok req/s | p50 ms | p99 ms | failed | replicas |"
-        " batch | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| system | concurrency | requests | ok req/s | req/s by round | p50 ms | p99 ms | failed |"
+        " replicas | batch | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        batch = float(np.mean(r.batch_sizes)) if r.batch_sizes else float("nan")
-        lines.append(
-            f"| {r.system} | {r.concurrency} | {r.requests} | {r.rps:.2f} | {r.pct(50):.1f} |"
-            f" {r.pct(99):.1f} | {r.failures()} | {len(r.replicas)} | {batch:.1f} |"
-            f" {r.load:.1f} |"
-        )
+    for concurrency in args.levels:
+        for system in systems:
+            r = levels[(system.name, concurrency)]
+            batch = float(np.mean(r.batch_sizes)) if r.batch_sizes else float("nan")
+            rounds = " / ".join(f"{rate:.1f}" for rate in r.rates)
+            lines.append(
+                f"| {r.system} | {r.concurrency} | {r.requests} | {r.rps:.2f} | {rounds} |"
+                f" {r.pct(50):.1f} | {r.pct(99):.1f} | {r.failures()} | {len(r.replicas)} |"
+                f" {batch:.1f} | {statistics.median(r.loads):.1f} |"
+            )
     emit("\n".join(lines), args.output)
 
 

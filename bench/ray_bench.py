@@ -126,6 +126,9 @@ class System:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--device", default="cpu", help="GRADCAM_DEVICE; on GPUs each replica takes one"
+    )
     parser.add_argument("--levels", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
@@ -137,7 +140,7 @@ def main() -> None:
 
     images = [jpeg(seed) for seed in range(16)]
     common = {k: v for k, v in os.environ.items() if not k.startswith("GRADCAM_")} | {
-        "GRADCAM_DEVICE": "cpu",
+        "GRADCAM_DEVICE": args.device,
         "GRADCAM_MODELS": json.dumps([MODEL]),
         "GRADCAM_MAX_BATCH_SIZE": str(args.batch),
         "GRADCAM_LOG_LEVEL": "warning",
@@ -183,7 +186,8 @@ def main() -> None:
                 stop(system.process)
 
     lines = [
-        f"Scale-out benchmark, {time.strftime('%Y-%m-%d')}, device cpu, {os.cpu_count()} CPUs"
+        f"Scale-out benchmark, {time.strftime('%Y-%m-%d')}, device {args.device},"
+        f" {os.cpu_count()} CPUs"
         f" ({platform.processor() or platform.machine()}), torch {torch.__version__},"
         f" Python {platform.python_version()}",
         f"Command: python bench/ray_bench.py {' '.join(sys.argv[1:])}",

@@ -36,7 +36,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import emit, free_port, jpeg, stop, wait_ready  # noqa: E402
+from bench.serve_bench import (  # noqa: E402
+    emit,
+    failure_summary,
+    free_port,
+    jpeg,
+    load,
+    percentile_ms,
+    stop,
+    wait_ready,
+)
 
 MODEL = {"name": "resnet50", "architecture": "resnet50", "weights": "random"}
 SCRIPT = Path(sys.executable).with_name("gradcam-service")
@@ -62,44 +71,27 @@ class Level:
         return statistics.median(self.rates) if self.rates else 0.0
 
     def pct(self, q: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        return float(np.percentile(np.asarray(self.latencies) * 1000.0, q))
+        return percentile_ms(self.latencies, q)
 
     def failures(self) -> str:
-        bad = {k: v for k, v in sorted(self.statuses.items()) if k != 200}
-        return ", ".join(f"{v}x{k or 'conn'}" for k, v in bad.items()) or "-"
+        return failure_summary(self.statuses)
 
 
 async def measure(url: str, images: list[bytes], level: Level, requests: int) -> None:
     """``requests`` explain requests from ``level.concurrency`` closed-loop clients, added to
     ``level`` as one round."""
-    counter = iter(range(requests))
-    ok = 0
-    limits = httpx.Limits(max_connections=level.concurrency)
-    async with httpx.AsyncClient(timeout=600.0, limits=limits) as client:
 
-        async def worker() -> None:
-            nonlocal ok
-            for i in counter:
-                files = {"image": (f"img{i}.jpg", images[i % len(images)], "image/jpeg")}
-                started = time.perf_counter()
-                try:
-                    response = await client.post(url, files=files)
-                    status = response.status_code
-                except httpx.HTTPError:
-                    status = 0
-                level.statuses[status] = level.statuses.get(status, 0) + 1
-                if status == 200:
-                    ok += 1
-                    level.latencies.append(time.perf_counter() - started)
-                    level.replicas.add(response.headers.get("x-gradcam-replica", "?"))
-                    timings = response.json()["results"][0]["timings"]
-                    level.batch_sizes.append(int(timings["batch_size"]))
+    def answered(response: httpx.Response) -> None:
+        level.replicas.add(response.headers.get("x-gradcam-replica", "?"))
+        level.batch_sizes.append(int(response.json()["results"][0]["timings"]["batch_size"]))
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(level.concurrency)))
-        level.rates.append(ok / (time.perf_counter() - started))
+    seconds, latencies, _, statuses = await load(
+        url, images, level.concurrency, requests, {}, on_ok=answered
+    )
+    level.rates.append(len(latencies) / seconds)
+    level.latencies += latencies
+    for status, count in statuses.items():
+        level.statuses[status] = level.statuses.get(status, 0) + count
     level.requests += requests
 
 

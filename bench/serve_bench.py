@@ -57,13 +57,23 @@ class LevelResult:
         return ok / self.seconds if self.seconds else 0.0
 
     def pct(self, q: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        return float(np.percentile(np.asarray(self.latencies) * 1000.0, q))
+        return percentile_ms(self.latencies, q)
 
     def failures(self) -> str:
-        bad = {k: v for k, v in sorted(self.statuses.items()) if k != 200}
-        return ", ".join(f"{v}x{k or 'conn'}" for k, v in bad.items()) or "-"
+        return failure_summary(self.statuses)
+
+
+def percentile_ms(latencies: list[float], q: float) -> float:
+    """The ``q``-th percentile of latencies in seconds, in milliseconds (nan for none)."""
+    if not latencies:
+        return float("nan")
+    return float(np.percentile(np.asarray(latencies) * 1000.0, q))
+
+
+def failure_summary(statuses: dict[int, int]) -> str:
+    """The non-200 statuses and their counts, e.g. ``3x429, 1xconn``; ``-`` for none."""
+    bad = {k: v for k, v in sorted(statuses.items()) if k != 200}
+    return ", ".join(f"{v}x{k or 'conn'}" for k, v in bad.items()) or "-"
 
 
 def emit(table: str, output: Path | None) -> None:
@@ -121,8 +131,15 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 async def load(
-    url: str, images: list[bytes], concurrency: int, total: int, params: dict[str, str]
+    url: str,
+    images: list[bytes],
+    concurrency: int,
+    total: int,
+    params: dict[str, str],
+    on_ok: Callable[[httpx.Response], None] | None = None,
 ) -> tuple[float, list[float], int, dict[int, int]]:
+    """``total`` uploads from ``concurrency`` closed-loop clients: (seconds, latencies of the
+    successful ones, errors, count by status). ``on_ok`` sees each successful response."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     errors = 0
@@ -143,6 +160,8 @@ async def load(
                 statuses[status] = statuses.get(status, 0) + 1
                 if status == 200:
                     latencies.append(time.perf_counter() - started)
+                    if on_ok is not None:
+                        on_ok(response)
                 else:
                     errors += 1
 

@@ -83,6 +83,7 @@ class CamMap:
     input_map: np.ndarray  # (H, W) float32 in [0, 1] at the model's input size
     raw_min: float  # range of the map before rectification and normalisation
     raw_max: float
+    scores: dict[str, float] = field(default_factory=dict)  # see service.engine.scores
 
 
 @dataclass

@@ -259,6 +259,8 @@ class Settings(BaseSettings):
     autocast: AutocastMode = _RUNTIME.autocast
     scorecam_max_forward_passes: ForwardPasses = _RUNTIME.scorecam_max_forward_passes
     scorecam_batch_size: BatchSize = _RUNTIME.scorecam_batch_size
+    score_max_forward_passes: ForwardPasses = _RUNTIME.score_max_forward_passes
+    score_batch_size: BatchSize = _RUNTIME.score_batch_size
     max_upsampled_side: MapSide = _RUNTIME.max_upsampled_side
     exact_decode: bool = _RUNTIME.exact_decode
 
@@ -374,6 +376,8 @@ class Settings(BaseSettings):
             autocast=self.autocast,
             scorecam_max_forward_passes=self.scorecam_max_forward_passes,
             scorecam_batch_size=self.scorecam_batch_size,
+            score_max_forward_passes=self.score_max_forward_passes,
+            score_batch_size=self.score_batch_size,
             max_upsampled_side=self.max_upsampled_side,
             exact_decode=self.exact_decode,
             image_limits=ImageLimits(

@@ -258,6 +258,7 @@ def _explanation(model: LoadedModel, rendered: RenderedMap, params: ExplainParam
         upsampled=upsampled,
         overlay=overlay,
         warnings=map_warnings(cam, label),
+        scores=dict(cam.scores) if params.scores else None,
     )
 
 

@@ -34,6 +34,8 @@ _PICTURE_PIXEL_BYTES: Final = {
 }
 #: Targets, labels, ranges and the other members of one explanation.
 _EXPLANATION_OVERHEAD: Final = 1024
+#: One faithfulness score: '"confidence_change": -0.12345678901234567, '.
+_SCORE_BYTES: Final = 48
 
 
 def estimate_explain_bytes(
@@ -65,7 +67,8 @@ def estimate_explain_bytes(
                 width, height = panel_size_bound(width, height)
             picture = width * height * _PICTURE_PIXEL_BYTES[params.overlay] * 4 / 3
         per_target = values * value_bytes + picture * len(layer_names)
-        total += round(targets * (per_target + _EXPLANATION_OVERHEAD * len(layer_names)))
+        per_map = _EXPLANATION_OVERHEAD + _SCORE_BYTES * len(set(params.scores))
+        total += round(targets * (per_target + per_map * len(layer_names)))
     return total
 
 

@@ -26,6 +26,13 @@ from service.engine.explain import MAX_PROBABILITY_TARGETS
 from service.engine.images import ACCEPTED_FORMATS, UPLOAD_FORMATS
 from service.engine.methods import METHOD_NAMES, METHODS
 from service.engine.render import COLORMAPS, DEFAULT_COLORMAP
+from service.engine.scores import (
+    DEFAULT_CURVE_STEP,
+    DEFAULT_ROAD_PERCENTILES,
+    SCORE_DESCRIPTIONS,
+    SCORE_NAMES,
+    ScoreName,
+)
 from service.runtime.jobs import OverlayKind, UpsampledSize
 
 #: Cost bounds of one explain request, per image.
@@ -35,6 +42,11 @@ MAX_EXPLAIN_TOP_K = 10
 #: Bounds of a requested DICOM window (the span of 32-bit stored values) and frame number.
 MAX_WINDOW_VALUE = 2.0**32
 MAX_FRAME = 2**31 - 2
+#: Bounds of the faithfulness scores' parameters (with the score cap's default, the costliest
+#: request the schema allows on a small model stays under it: see the README).
+MAX_ROAD_PERCENTILES = 9
+MIN_CURVE_STEP = 0.02
+MAX_CURVE_STEP = 0.5
 
 #: An 8x8 PNG, base64-encoded: the image of the JSON request examples (a real one, so that an
 #: example sent as it is gets an answer).
@@ -52,6 +64,7 @@ _METHODS_DOC = "; ".join(
     f"'{name}', {METHODS[name].description.rstrip('.')}" for name in METHOD_NAMES
 )
 _FORMATS_DOC = ", ".join(UPLOAD_FORMATS)
+_SCORES_DOC = "; ".join(f"'{name}', {SCORE_DESCRIPTIONS[name]}" for name in SCORE_NAMES)
 
 
 def _one_of(value: str, allowed: Sequence[str], what: str) -> str:
@@ -99,6 +112,8 @@ Integer = Annotated[int, BeforeValidator(_integral)]
 #: An index (a class's, a layer's): the bound goes before the validator, or pydantic writes it
 #: into the schema raw ("ge" instead of "minimum").
 Index = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
+#: A ROAD percentile.
+Percentile = Annotated[int, Field(ge=1, le=99), BeforeValidator(_integral)]
 
 
 #: window_center and window_width come together, or neither does (absent or null).
@@ -267,8 +282,34 @@ class ExplainParams(DisplayParams):
         description="How maps are sent: 'list' (nested JSON arrays) or 'base64' (little-endian"
         " float32, row-major; much smaller).",
     )
+    scores: list[ScoreName] = Field(
+        default_factory=list,
+        max_length=len(SCORE_NAMES),
+        description="Faithfulness scores to compute for each map (repeatable), returned in each"
+        f" explanation's 'scores'. p is the target's probability, M the map at the input size, x"
+        f" the input: {_SCORES_DOC}. They cost forward passes (capped per request).",
+        examples=[["confidence_change", "road"]],
+        json_schema_extra=_one_or_many,
+    )
+    road_percentiles: list[Percentile] = Field(
+        default_factory=lambda: list(DEFAULT_ROAD_PERCENTILES),
+        min_length=1,
+        max_length=MAX_ROAD_PERCENTILES,
+        description="For the 'road' score: the percentiles of the map at which pixels are"
+        " removed (repeatable; two forward passes each).",
+        examples=[list(DEFAULT_ROAD_PERCENTILES)],
+        json_schema_extra=_one_or_many,
+    )
+    curve_step: float = Field(
+        default=DEFAULT_CURVE_STEP,
+        ge=MIN_CURVE_STEP,
+        le=MAX_CURVE_STEP,
+        description="For the 'deletion' and 'insertion' scores: the fraction of the input's"
+        " pixels changed per step of the curve (about 1/curve_step forward passes each).",
+        examples=[DEFAULT_CURVE_STEP],
+    )
 
-    @field_validator("layer", "target", mode="before")
+    @field_validator("layer", "target", "scores", "road_percentiles", mode="before")
     @classmethod
     def _single_to_list(cls, value: object) -> object:
         return _as_list(value)

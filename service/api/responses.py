@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.problems import Problem
 from service.engine.layers import Layout
 from service.engine.models import WeightsSource
+from service.engine.scores import ScoreName
 from service.engine.spec import Activation
 from service.runtime.loading import ModelState
 
@@ -243,6 +244,11 @@ class Explanation(BaseModel):
     warnings: list[str] = Field(
         default_factory=list,
         description="Caveats about this map, e.g. that it is empty (all zero).",
+    )
+    scores: dict[ScoreName, float] | None = Field(
+        default=None,
+        description="The faithfulness scores the request asked for ('scores'), by name; null"
+        " when it asked for none.",
     )
 
 

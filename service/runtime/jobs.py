@@ -10,6 +10,7 @@ import numpy as np
 from service.engine.explain import CamMap, PostProcess
 from service.engine.images import DecodedImage
 from service.engine.preprocess import Geometry
+from service.engine.scores import ScoreOptions
 
 UpsampledSize = Literal["none", "input", "original"]
 OverlayKind = Literal["none", "png", "jpeg", "webp", "panel", "dicom"]
@@ -48,6 +49,7 @@ class ExplainJob:
     method: str = "gradcam"
     post: PostProcess = field(default_factory=PostProcess)
     outputs: OutputOptions = field(default_factory=OutputOptions)
+    scores: ScoreOptions | None = None  # faithfulness scores of each map
 
 
 @dataclass

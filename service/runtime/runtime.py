@@ -32,6 +32,7 @@ from service.engine.explain import ImageRequest, check_explain_cost
 from service.engine.images import DecodedImage, ScaleNeeded, decode_image
 from service.engine.models import LoadedModel
 from service.engine.preprocess import Geometry, PreprocessConfig, preprocess
+from service.engine.scores import check_score_cost
 from service.engine.spec import ModelSpec, check_unique_names
 from service.errors import (
     DeadlineExceededError,
@@ -269,9 +270,16 @@ class Runtime:
                 [r for r, job in zip(requests, jobs, strict=True) if job.method == method],
                 self._config.scorecam_max_forward_passes,
             )
+        for options in {job.scores for job in jobs if job.scores is not None}:
+            check_score_cost(
+                model,
+                [r for r, job in zip(requests, jobs, strict=True) if job.scores == options],
+                options,
+                self._config.score_max_forward_passes,
+            )
         tensors, geometries, prep_s = await self._prepare(served, [j.image for j in jobs], caller)
         items = [
-            WorkItem("explain", tensor, request, job.method, job.post)
+            WorkItem("explain", tensor, request, job.method, job.post, job.scores)
             for tensor, request, job in zip(tensors, requests, jobs, strict=True)
         ]
         computed = await self._submit(served, items, caller)

@@ -21,6 +21,7 @@ import torch
 
 from service.engine.explain import CamMap, ImageRequest, PostProcess, explain, predict
 from service.engine.models import LoadedModel
+from service.engine.scores import ScoreOptions, score_maps
 from service.errors import ServiceError, WorkerError
 from service.metrics import Metrics
 from service.runtime.batching import Batcher
@@ -39,12 +40,13 @@ class WorkItem:
     request: ImageRequest = field(default_factory=ImageRequest)
     method: str = "gradcam"
     post: PostProcess = field(default_factory=PostProcess)
+    scores: ScoreOptions | None = None
 
     def group_key(self) -> Hashable:
         """Items with equal keys can share one engine call."""
         if self.kind == "predict":
             return ("predict",)
-        return ("explain", self.method, self.post)
+        return ("explain", self.method, self.post, self.scores)
 
 
 @dataclass
@@ -77,7 +79,7 @@ def run_group(
 
 
 def run_batch(replica: LoadedModel, group: list[WorkItem], config: RuntimeConfig) -> list[Computed]:
-    """One engine call for the whole group."""
+    """One engine call for the whole group (and its scores, when it asks for any)."""
     inputs = torch.stack([item.tensor for item in group]).to(replica.device)
     if group[0].kind == "predict":
         probabilities = predict(replica, inputs)
@@ -90,6 +92,10 @@ def run_batch(replica: LoadedModel, group: list[WorkItem], config: RuntimeConfig
         post=group[0].post,
         scorecam_batch_size=config.scorecam_batch_size,
     )
+    if group[0].scores is not None:
+        score_maps(
+            replica, inputs, result.maps, group[0].scores, batch_size=config.score_batch_size
+        )
     return [Computed(result.probabilities[i], list(result.maps[i])) for i in range(len(group))]
 
 

@@ -18,6 +18,7 @@ from service.engine.explain import ImageRequest, PostProcess, explain
 from service.engine.images import DecodedImage, decode_image
 from service.engine.models import LoadedModel
 from service.engine.preprocess import preprocess
+from service.engine.scores import ScoreOptions
 from service.engine.spec import ModelSpec
 from service.errors import (
     DeadlineExceededError,
@@ -334,6 +335,39 @@ def test_scorecam_cost_is_bounded_per_request_before_queueing() -> None:
             await runtime.stop()
 
     _run(scenario)
+
+
+def test_score_cost_is_bounded_per_request_before_queueing() -> None:
+    async def scenario() -> None:
+        runtime = await _started(RuntimeConfig(score_max_forward_passes=2 * 4 * 3))
+        try:
+            road = ScoreOptions(names=("road",))  # 8 passes a map
+            jobs = [
+                ExplainJob(image=_image(i), layers=("layer4",), outputs=NO_RENDER, scores=road)
+                for i in range(4)
+            ]
+            admitted = await runtime.explain("tiny", jobs[:3])
+            assert all(set(o.maps[0].cam.scores) == {"road"} for o in admitted)
+            with pytest.raises(InvalidParameterError) as refused:
+                await runtime.explain("tiny", jobs)
+            assert refused.value.code == "scores_too_costly"
+            assert "32 forward passes" in refused.value.detail
+        finally:
+            await runtime.stop()
+
+    _run(scenario)
+
+
+def test_items_share_an_engine_call_only_with_the_same_scores() -> None:
+    tensor = torch.zeros(3, 64, 64)
+    road = workers.WorkItem("explain", tensor, scores=ScoreOptions(names=("road",)))
+    same = workers.WorkItem("explain", tensor, scores=ScoreOptions(names=("road",)))
+    other = workers.WorkItem(
+        "explain", tensor, scores=ScoreOptions(names=("road",), road_percentiles=(50,))
+    )
+    plain = workers.WorkItem("explain", tensor)
+    assert road.group_key() == same.group_key()
+    assert len({road.group_key(), other.group_key(), plain.group_key()}) == 3
 
 
 def test_renderings_follow_the_output_options() -> None:

@@ -41,6 +41,7 @@ from service.api.responses import ExplainResponse, LayerList, ModelInfo, ModelLi
 from service.engine.explain import MAX_PROBABILITY_TARGETS, PostProcess
 from service.engine.images import DecodedImage
 from service.engine.models import LoadedModel
+from service.engine.scores import ScoreOptions
 from service.engine.spec import ModelSpec
 from service.errors import (
     InvalidParameterError,
@@ -61,6 +62,7 @@ class ExplainPlan:
     targets: tuple[int, ...] | None
     post: PostProcess
     outputs: OutputOptions
+    scores: ScoreOptions | None
 
 
 def _with_hint(error: UnknownLayerError | UnknownTargetError, model: str) -> ServiceError:
@@ -120,7 +122,14 @@ def plan_explain(model: LoadedModel, params: ExplainParams) -> ExplainPlan:
         colormap=params.colormap,
         alpha=params.alpha,
     )
-    return ExplainPlan(layers, targets, post, outputs)
+    scores = None
+    if params.scores:
+        scores = ScoreOptions(
+            names=tuple(dict.fromkeys(params.scores)),
+            road_percentiles=tuple(params.road_percentiles),
+            curve_step=params.curve_step,
+        )
+    return ExplainPlan(layers, targets, post, outputs, scores)
 
 
 def _most_targets(model: LoadedModel, params: ExplainParams, plan: ExplainPlan) -> int:
@@ -292,6 +301,7 @@ async def explain(
             method=params.method,
             post=plan.post,
             outputs=plan.outputs,
+            scores=plan.scores,
         )
         for image in images
     ]

@@ -1,0 +1,65 @@
+"""Faithfulness scores over HTTP: asked for with ``scores``, returned in every explanation."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from fastapi.testclient import TestClient
+
+
+def test_each_explanation_carries_the_scores_asked_for(client: TestClient, png: bytes) -> None:
+    response = client.post(
+        "/v1/models/tiny/explain",
+        files=[("image", ("a.png", png, "image/png"))],
+        data={
+            "layer": ["layer4", "layer3"],
+            "top_k": "2",
+            "scores": ["confidence_change", "drop", "increase", "road", "drop"],
+            "road_percentiles": ["50"],
+            "overlay": "none",
+        },
+    )
+    assert response.status_code == 200, response.text
+    explanations = response.json()["results"][0]["explanations"]
+    assert len(explanations) == 4
+    for explanation in explanations:
+        scores = explanation["scores"]
+        assert set(scores) == {"confidence_change", "drop", "increase", "road"}
+        p = explanation["target"]["probability"]
+        change = scores["confidence_change"]
+        assert -1.0 <= change <= 1.0
+        assert scores["increase"] == (1.0 if change > 0 else 0.0)
+        assert scores["drop"] == pytest.approx(max(0.0, -change) / p, rel=1e-6, abs=1e-9)
+        assert -0.5 <= scores["road"] <= 0.5
+
+
+def test_scores_in_a_json_body_and_none_asked_for_is_null(client: TestClient, png: bytes) -> None:
+    image = {"data": base64.b64encode(png).decode("ascii")}
+    asked = client.post(
+        "/v1/models/tiny/explain",
+        json={"images": [image], "scores": "insertion", "curve_step": 0.25, "overlay": "none"},
+    )
+    assert asked.status_code == 200, asked.text
+    (explanation,) = asked.json()["results"][0]["explanations"]
+    assert list(explanation["scores"]) == ["insertion"]
+    assert 0.0 <= explanation["scores"]["insertion"] <= 1.0
+    plain = client.post("/v1/models/tiny/explain", json={"images": [image], "overlay": "none"})
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["results"][0]["explanations"][0]["scores"] is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("scores", "pointing_game"), ("road_percentiles", "100"), ("curve_step", "0.01")],
+)
+def test_score_parameters_outside_their_ranges_are_refused(
+    client: TestClient, png: bytes, field: str, value: str
+) -> None:
+    response = client.post(
+        "/v1/models/tiny/explain",
+        files=[("image", ("a.png", png, "image/png"))],
+        data={"scores": "road", field: value},
+    )
+    assert response.status_code == 422, response.text
+    assert field in response.text

@@ -1,8 +1,11 @@
 """Command line: ``gradcam-service`` serves the API; ``gradcam-service ray`` serves it on Ray
 Serve (N replicas; the ``ray`` extra); ``gradcam-service export-openapi`` writes the OpenAPI
-document without loading any model. ``python -m service`` is the same command.
+document without loading any model; ``gradcam-service explain`` and ``gradcam-service evaluate``
+work on local image files in process (:mod:`service.local`). ``python -m service`` is the same
+command.
 
-Configuration comes from ``GRADCAM_*`` environment variables (see :mod:`service.config`).
+Configuration comes from ``GRADCAM_*`` environment variables (see :mod:`service.config`); the
+local commands use the models the server would serve.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -167,6 +172,224 @@ def _add_ray_parser(commands: Any) -> None:
     )
 
 
+def _local_command(run: Callable[[Settings], int], args: argparse.Namespace) -> int:
+    """Run a local command with the server's settings (``--models-file`` wins over the
+    environment); a problem the user must fix is one line on stderr and exit status 2."""
+    from service.errors import ServiceError
+    from service.local.files import CommandError
+
+    overrides: dict[str, Any] = {}
+    if args.models_file is not None:
+        overrides["models_file"] = args.models_file
+    settings = _load_settings(**overrides)
+    if settings is None:
+        return 2
+    try:
+        return run(settings)
+    except (CommandError, ConfigError) as exc:
+        print(f"gradcam-service: {exc}", file=sys.stderr)
+    except ServiceError as exc:
+        print(f"gradcam-service: {exc.detail}", file=sys.stderr)
+    return 2
+
+
+def explain_command(args: argparse.Namespace) -> int:
+    from service.local.explain_files import ExplainOptions, explain_files
+    from service.local.files import load_configured_model
+
+    def run(settings: Settings) -> int:
+        options = ExplainOptions(
+            layers=tuple(args.layer or ()),
+            layer_index=args.layer_index,
+            targets=tuple(args.target or ()),
+            top_k=args.top_k,
+            method=args.method,
+            threshold=args.threshold,
+            colormap=args.colormap,
+            alpha=args.alpha,
+            batch_size=args.batch_size,
+        )
+        model = load_configured_model(settings, args.model, args.device)
+        limits = settings.runtime_config().image_limits
+        return explain_files(model, args.paths, options, limits)
+
+    return _local_command(run, args)
+
+
+def evaluate_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from service.engine.scores import DEFAULT_ROAD_PERCENTILES, ScoreOptions
+    from service.errors import ServiceError
+    from service.local.evaluate import EvaluateOptions, evaluate, load_annotations
+    from service.local.files import CommandError, load_configured_model
+
+    def run(settings: Settings) -> int:
+        annotations = load_annotations(args.labels) if args.labels is not None else {}
+        model = load_configured_model(settings, args.model, args.device)
+        try:
+            named = [model.layer(name).name for name in args.layer or ()]
+            named += [model.layer(index=i).name for i in args.layer_index or ()]
+        except ServiceError as exc:
+            raise CommandError(exc.detail) from None
+        layers = (
+            named
+            or [info.name for info in model.layers if info.layer_index is not None]
+            or [model.default_layer]
+        )
+        names = [] if args.scores == ["none"] else args.scores or list(DEFAULT_EVALUATE_SCORES)
+        scores = None
+        if names:
+            scores = ScoreOptions(
+                names=tuple(dict.fromkeys(names)),
+                road_percentiles=tuple(args.road_percentiles or DEFAULT_ROAD_PERCENTILES),
+                curve_step=args.curve_step,
+            )
+        options = EvaluateOptions(
+            layers=tuple(dict.fromkeys(layers)),
+            methods=tuple(dict.fromkeys(args.method or ["gradcam"])),
+            scores=scores,
+            pointing_tolerance=args.pointing_tolerance,
+            rank_by=args.rank_by,
+            batch_size=args.batch_size,
+            score_batch_size=settings.score_batch_size,
+            thumbnails=args.thumbnails,
+        )
+        return evaluate(
+            model,
+            args.folder,
+            args.output,
+            options,
+            annotations=annotations,
+            limits=settings.runtime_config().image_limits,
+            fresh=args.fresh,
+            command=shlex.join(["gradcam-service", *argv]),
+        )
+
+    return _local_command(run, args)
+
+
+#: Scores ``evaluate`` computes unless told otherwise (the cheaper ones: 9 passes a map).
+DEFAULT_EVALUATE_SCORES = ("confidence_change", "drop", "increase", "road")
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="the configured model to use (default: the only one)")
+    parser.add_argument(
+        "--models-file",
+        type=Path,
+        help="a models file (YAML or JSON) instead of GRADCAM_MODELS_FILE / GRADCAM_MODELS",
+    )
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: GRADCAM_DEVICE, auto)")
+
+
+def _add_local_commands(commands: Any) -> None:
+    from service.engine.methods import METHOD_NAMES
+    from service.engine.render import COLORMAPS, DEFAULT_COLORMAP
+    from service.engine.scores import DEFAULT_CURVE_STEP, SCORE_NAMES
+
+    explain = commands.add_parser(
+        "explain",
+        help="explain local image files in process; write overlay, panel and map next to each",
+        description="Explain image files (or every image in folders) with a configured model,"
+        " in process. For each map, writes <stem>.<method>.<layer>.<class>.overlay.png,"
+        " .panel.png and .npy (the map on the layer's grid, rectified, not normalised) next to"
+        " the image.",
+    )
+    explain.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    _model_options(explain)
+    explain.add_argument(
+        "--layer",
+        action="append",
+        help="layer by module path (repeatable; default: the model's default layer)",
+    )
+    explain.add_argument(
+        "--layer-index",
+        type=int,
+        help="instead of --layer: the original script's layer_idx (ResNet: 2 = layer4)",
+    )
+    explain.add_argument(
+        "--target",
+        action="append",
+        help="class by index or label (repeatable; default: the --top-k predicted)",
+    )
+    explain.add_argument("--top-k", type=int, default=1, help="without --target (default 1)")
+    explain.add_argument("--method", default="gradcam", choices=METHOD_NAMES)
+    explain.add_argument(
+        "--threshold",
+        type=float,
+        help="the original script's floor, e.g. 0.125, instead of ReLU",
+    )
+    explain.add_argument("--colormap", default=DEFAULT_COLORMAP, choices=COLORMAPS)
+    explain.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (0.5)")
+    explain.add_argument("--batch-size", type=int, default=8, help="images per batch (8)")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="rank layers and methods on a folder of images; write a Markdown and HTML report",
+        description="Explain every image of a folder with each layer and method, measure the"
+        " maps (pointing game and energy in box where a labels file gives boxes or masks;"
+        " faithfulness scores) and rank the (layer, method) pairs. Ctrl-C writes the report"
+        " from the images done; running the same command again carries on.",
+    )
+    evaluate.add_argument("folder", type=Path, help="folder of images (searched recursively)")
+    evaluate.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=Path("gradcam-evaluation"),
+        help="folder for results.jsonl, thumbnails/, report.md and report.html"
+        " (default: gradcam-evaluation)",
+    )
+    evaluate.add_argument(
+        "--labels",
+        type=Path,
+        help='JSON: {"<image, relative to the folder>": {"label": <class index or name>,'
+        ' "boxes": [[left, top, right, bottom], ...], "mask": "<mask image>"}}',
+    )
+    _model_options(evaluate)
+    evaluate.add_argument(
+        "--layer",
+        action="append",
+        help="layer by module path (repeatable; default: every layer with a layer_index)",
+    )
+    evaluate.add_argument("--layer-index", type=int, action="append", help="(repeatable)")
+    evaluate.add_argument(
+        "--method", action="append", choices=METHOD_NAMES, help="(repeatable; default gradcam)"
+    )
+    evaluate.add_argument(
+        "--scores",
+        action="append",
+        choices=[*SCORE_NAMES, "none"],
+        help="(repeatable; default: " + ", ".join(DEFAULT_EVALUATE_SCORES) + ")",
+    )
+    evaluate.add_argument(
+        "--road-percentiles", type=int, action="append", help="(repeatable; default 20 40 60 80)"
+    )
+    evaluate.add_argument(
+        "--curve-step",
+        type=float,
+        default=DEFAULT_CURVE_STEP,
+        help=f"deletion and insertion: fraction of pixels per step ({DEFAULT_CURVE_STEP})",
+    )
+    evaluate.add_argument(
+        "--pointing-tolerance",
+        type=float,
+        default=0.0,
+        help="pixels the map's peak may lie off the object and still count (default 0)",
+    )
+    evaluate.add_argument(
+        "--rank-by",
+        help="pointing_game, energy_in_box or a score (default: pointing_game with boxes,"
+        " else the first score)",
+    )
+    evaluate.add_argument("--batch-size", type=int, default=8, help="images per batch (8)")
+    evaluate.add_argument(
+        "--thumbnails", type=int, default=6, help="images shown per row in report.html (6)"
+    )
+    evaluate.add_argument(
+        "--fresh", action="store_true", help="discard the results of an earlier run"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradcam-service",
@@ -185,11 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(DEFAULT_OPENAPI_PATH),
         help=f"file to write, or - for stdout (default: {DEFAULT_OPENAPI_PATH})",
     )
+    _add_local_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(arguments)
     if args.command == "export-openapi":
         return export_openapi(args.output)
     if args.command == "ray":
@@ -201,6 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         return serve_on_ray(args)
+    if args.command == "explain":
+        return explain_command(args)
+    if args.command == "evaluate":
+        return evaluate_command(args, arguments)
     return serve()
 
 

@@ -228,6 +228,12 @@ def shapes_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shapes_model_spec(shapes_weights: Path) -> ModelSpec:
+    """The models-file entry of the trained shapes classifier (for commands that load it)."""
+    return shapes_spec(shapes_weights)
+
+
+@pytest.fixture(scope="session")
 def shapes_model(shapes_weights: Path) -> LoadedModel:
     """The trained shapes classifier, loaded through the engine from its ``.pt`` file."""
     return load_model(shapes_spec(shapes_weights), torch.device("cpu"))

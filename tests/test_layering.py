@@ -46,14 +46,28 @@ def _layer(prefix: str) -> list[str]:
 @pytest.mark.parametrize("module", _layer("service.engine"))
 def test_engine_modules_import_no_runtime_api_or_web_framework(module: str) -> None:
     imported = _imports(MODULES[module])
-    forbidden = ("service.runtime", "service.api", "service.config", "fastapi", "starlette")
+    forbidden = (
+        "service.runtime",
+        "service.api",
+        "service.config",
+        "service.local",
+        "fastapi",
+        "starlette",
+    )
     assert not sorted(m for m in imported if m.startswith(forbidden))
 
 
 @pytest.mark.parametrize("module", _layer("service.runtime"))
 def test_runtime_modules_import_no_api_or_web_framework(module: str) -> None:
     imported = _imports(MODULES[module])
-    forbidden = ("service.api", "service.config", "fastapi", "starlette")
+    forbidden = ("service.api", "service.config", "service.local", "fastapi", "starlette")
+    assert not sorted(m for m in imported if m.startswith(forbidden))
+
+
+@pytest.mark.parametrize("module", _layer("service.local"))
+def test_local_commands_use_the_engine_not_the_server(module: str) -> None:
+    imported = _imports(MODULES[module])
+    forbidden = ("service.api", "fastapi", "starlette", "uvicorn")
     assert not sorted(m for m in imported if m.startswith(forbidden))
 
 

@@ -1,0 +1,126 @@
+"""What both local commands need: the configured model, image files, and their inputs."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import torch
+from tqdm import tqdm
+
+from service.config import Settings
+from service.engine.images import DecodedImage, ImageLimits, decode_image
+from service.engine.loading import load_model, resolve_device
+from service.engine.models import LoadedModel
+from service.engine.preprocess import Geometry, preprocess
+from service.errors import ServiceError
+from service.runtime.loading import AUTOCAST_DTYPES
+
+#: File name endings taken as images when a folder is given (DICOM files are read by content).
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".dcm", ".dicom"}
+)
+
+T = TypeVar("T")
+
+
+class CommandError(Exception):
+    """A problem the user must fix (a model, a file, an option); the command prints it."""
+
+
+def load_configured_model(
+    settings: Settings, name: str | None, device: str | None = None
+) -> LoadedModel:
+    """The model ``name`` of the server's configuration (the only one when ``name`` is None),
+    loaded on ``device`` (default: ``GRADCAM_DEVICE``, ``auto`` picking CUDA when present)."""
+    specs = settings.model_specs()
+    names = [spec.name for spec in specs]
+    if name is None:
+        if len(specs) > 1:
+            raise CommandError(
+                f"{len(specs)} models are configured ({', '.join(names)}); choose one with --model."
+            )
+        spec = specs[0]
+    else:
+        matching = [spec for spec in specs if spec.name == name]
+        if not matching:
+            raise CommandError(
+                f"No configured model is named '{name}'; there are: {', '.join(names)}."
+            )
+        spec = matching[0]
+    model = load_model(
+        spec,
+        resolve_device(device or settings.device),
+        autocast_dtype=AUTOCAST_DTYPES[settings.autocast],
+    )
+    if model.weights.random:
+        why = f" ({model.weights.note})" if model.weights.note else ""
+        print(
+            f"warning: model '{model.name}' runs with RANDOM weights{why}: its maps and scores"
+            " are meaningless.",
+            file=sys.stderr,
+        )
+    return model
+
+
+def image_files(paths: Sequence[Path]) -> list[Path]:
+    """The files named, and the image files in the folders named (recursively), sorted."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(
+                sorted(
+                    p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                )
+            )
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise CommandError(f"{path}: no such file or folder.")
+    return list(dict.fromkeys(found))
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """An image file, decoded and preprocessed for a model."""
+
+    path: Path
+    decoded: DecodedImage
+    tensor: torch.Tensor  # (C, H, W), normalised
+    geometry: Geometry  # in the image's own pixel coordinates
+
+
+def read_image(path: Path, model: LoadedModel, limits: ImageLimits) -> LocalImage:
+    """Decode and preprocess one file, as the server would an upload of its bytes."""
+    try:
+        decoded = decode_image(path.read_bytes(), limits)
+    except OSError as exc:
+        raise CommandError(
+            f"{path}: cannot read it ({exc.strerror or type(exc).__name__})."
+        ) from None
+    except ServiceError as exc:
+        raise CommandError(f"{path}: {exc.detail}") from None
+    tensor, geometry = preprocess(
+        decoded.image, model.preprocessing, (decoded.width, decoded.height)
+    )
+    return LocalImage(path, decoded, tensor, geometry)
+
+
+def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """``items`` in consecutive chunks of at most ``size``."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def progress(total: int, description: str, initial: int = 0) -> tqdm[NoReturn]:
+    """A progress bar on stderr (drawn on a terminal only)."""
+    return tqdm(total=total, initial=initial, desc=description, unit="image", disable=None)
+
+
+def safe_name(text: str) -> str:
+    """``text`` as a piece of a file name: letters, digits, '.', '-' and '_' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"

@@ -1,0 +1,195 @@
+"""The evaluation report: a Markdown table, and a self-contained HTML page with thumbnails."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.engine.scores import SCORE_DESCRIPTIONS
+
+MARKDOWN_FILE = "report.md"
+HTML_FILE = "report.html"
+
+_COLUMN_DOC: dict[str, str] = {
+    "pointing_game": "share of the labelled images whose map peaks on the object",
+    "energy_in_box": "mean share of the map's sum that lies on the object",
+    **{str(name): text for name, text in SCORE_DESCRIPTIONS.items()},
+}
+
+
+@dataclass
+class Row:
+    """One (layer, method), averaged over the images."""
+
+    layer: str
+    method: str
+    images: int
+    values: dict[str, float | None]
+    explain_ms: float  # median per image
+    scores_ms: float
+    thumbnails: list[tuple[str, Path]] = field(default_factory=list)  # (image, PNG file)
+
+
+@dataclass
+class Report:
+    model: str
+    architecture: str
+    random_weights: bool
+    device: str
+    folder: str
+    images: int
+    evaluated: int
+    failed: dict[str, str]
+    interrupted: bool
+    rank_by: str | None
+    lower_is_better: list[str]
+    columns: list[str]
+    rows: list[Row]  # ranked, best first
+    pointing_tolerance: float
+    command: str = ""
+    date: str = field(
+        default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    )
+
+
+def write_reports(output: Path, report: Report) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``output``; return their paths."""
+    output.mkdir(parents=True, exist_ok=True)
+    markdown = output / MARKDOWN_FILE
+    page = output / HTML_FILE
+    markdown.write_text(render_markdown(report), encoding="utf-8")
+    page.write_text(render_html(report), encoding="utf-8")
+    return markdown, page
+
+
+def _title(report: Report) -> str:
+    return f"Grad-CAM evaluation: {report.model} ({report.architecture}) on {report.folder}"
+
+
+def _facts(report: Report) -> list[str]:
+    facts = [
+        f"{report.evaluated} of {report.images} images evaluated on {report.device}",
+        f"date: {report.date}",
+    ]
+    if report.interrupted:
+        facts.insert(0, "INTERRUPTED: run the same command again to carry on from here")
+    if report.command:
+        facts.append(f"command: `{report.command}`")
+    if report.rank_by:
+        direction = "lower" if report.rank_by in report.lower_is_better else "higher"
+        facts.append(f"ranked by {report.rank_by} ({direction} is better)")
+    if "pointing_game" in report.columns:
+        facts.append(f"pointing tolerance: {report.pointing_tolerance:g} px")
+    if report.random_weights:
+        facts.append("WARNING: the model has RANDOM weights; these results are meaningless")
+    if report.failed:
+        facts.append(f"{len(report.failed)} images skipped (listed at the end)")
+    return facts
+
+
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _header(report: Report) -> list[str]:
+    return [
+        "rank",
+        "layer",
+        "method",
+        "images",
+        *report.columns,
+        "explain ms/image",
+        "scores ms/image",
+    ]
+
+
+def _cells(rank: int, row: Row, report: Report) -> list[str]:
+    return [
+        str(rank),
+        row.layer,
+        row.method,
+        str(row.images),
+        *(_cell(row.values.get(column)) for column in report.columns),
+        f"{row.explain_ms:.1f}",
+        f"{row.scores_ms:.1f}",
+    ]
+
+
+def render_markdown(report: Report) -> str:
+    lines = [f"# {_title(report)}", ""]
+    lines += [f"- {fact}" for fact in _facts(report)]
+    header = _header(report)
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rank, row in enumerate(report.rows, 1):
+        lines.append("| " + " | ".join(_cells(rank, row, report)) + " |")
+    lines += ["", "Columns (means over the images; times are medians):", ""]
+    lines += [f"- `{column}`: {_COLUMN_DOC.get(column, column)}" for column in report.columns]
+    if report.failed:
+        lines += ["", "Skipped images:", ""]
+        lines += [f"- {name}: {why}" for name, why in sorted(report.failed.items())]
+    return "\n".join(lines) + "\n"
+
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: middle; }
+th { background: #f3f3f3; }
+td.name { text-align: left; font-family: monospace; }
+td.thumbs { text-align: left; }
+td.thumbs img { margin: 1px; border: 1px solid #ddd; }
+tr.best td { background: #eef8ee; }
+.warn { color: #a00; font-weight: bold; }
+"""
+
+
+def _data_uri(path: Path) -> str | None:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def render_html(report: Report) -> str:
+    """One page, nothing fetched from elsewhere: thumbnails are inlined as data URIs."""
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{esc(_title(report))}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{esc(_title(report))}</h1><ul>",
+    ]
+    for fact in _facts(report):
+        css = ' class="warn"' if fact.startswith(("WARNING", "INTERRUPTED")) else ""
+        parts.append(f"<li{css}>{esc(fact)}</li>")
+    parts.append("</ul><table><thead><tr>")
+    parts += [f"<th>{esc(name)}</th>" for name in [*_header(report), "maps"]]
+    parts.append("</tr></thead><tbody>")
+    for rank, row in enumerate(report.rows, 1):
+        css = ' class="best"' if rank == 1 and report.rank_by else ""
+        parts.append(f"<tr{css}>")
+        for i, text in enumerate(_cells(rank, row, report)):
+            name = ' class="name"' if i in (1, 2) else ""
+            parts.append(f"<td{name}>{esc(text)}</td>")
+        thumbs = []
+        for image, path in row.thumbnails:
+            uri = _data_uri(path)
+            if uri is not None:
+                thumbs.append(f'<img src="{uri}" alt="{esc(image)}" title="{esc(image)}">')
+        parts.append(f'<td class="thumbs">{"".join(thumbs)}</td></tr>')
+    parts.append("</tbody></table><h2>Columns</h2><ul>")
+    parts.append("<li>Means over the images; times are medians per image.</li>")
+    for column in report.columns:
+        parts.append(f"<li><code>{esc(column)}</code>: {esc(_COLUMN_DOC.get(column, column))}</li>")
+    parts.append("</ul>")
+    if report.failed:
+        parts.append("<h2>Skipped images</h2><ul>")
+        for name, why in sorted(report.failed.items()):
+            parts.append(f"<li>{esc(name)}: {esc(why)}</li>")
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,139 @@
+"""``gradcam-service evaluate`` end to end, in process, on PNG files of the trained shapes model.
+
+The localisation test (tests/engine/test_localisation.py) knows that Grad-CAM at ``layer2``
+points at the shape (its peak within half a cell, 4 px, of the box for 9 images in 10 or more)
+and that ``layer1`` and ``layer3`` do not; the command must rank ``layer2`` first from the files
+and their labels alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.cli import main
+from service.local import evaluate as evaluate_module
+
+ShapesFolder = Callable[..., tuple[Path, Path]]
+HELD_OUT_SEED = 99_991
+
+
+def _evaluate(models_file: Path, folder: Path, labels: Path, output: Path, *extra: str) -> int:
+    argv = ["evaluate", str(folder), "--models-file", str(models_file), "--labels", str(labels)]
+    return main([*argv, "--output", str(output), *extra])
+
+
+def _table(markdown: str) -> list[dict[str, str]]:
+    """The rows of the report's ranking table, by column name."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [
+        dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True))
+        for line in lines[1:]
+    ]
+
+
+def test_evaluate_ranks_first_the_layer_that_points_at_the_shapes(
+    shapes_models_file: Path, shapes_folder: ShapesFolder, tmp_path: Path
+) -> None:
+    folder, labels = shapes_folder(40, HELD_OUT_SEED)
+    output = tmp_path / "report"
+    layers = [arg for layer in ("layer1", "layer2", "layer3") for arg in ("--layer", layer)]
+    status = _evaluate(
+        shapes_models_file,
+        folder,
+        labels,
+        output,
+        *layers,
+        "--scores",
+        "confidence_change",
+        "--pointing-tolerance",
+        "4",
+    )
+    assert status == 0
+    rows = _table((output / "report.md").read_text())
+    assert rows[0]["layer"] == "layer2"
+    assert {row["layer"] for row in rows} == {"layer1", "layer2", "layer3"}
+    best, *others = (float(row["pointing_game"]) for row in rows)
+    assert best >= 0.9
+    assert all(other <= best - 0.3 for other in others)  # a real difference, not a tie
+    for row in rows:
+        assert row["images"] == "40"
+        assert -1.0 <= float(row["confidence_change"]) <= 1.0
+        assert 0.0 <= float(row["energy_in_box"]) <= 1.0
+        assert float(row["explain ms/image"]) > 0
+    page = (output / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3 * 6  # 6 thumbnails a row
+    for external in ('src="http', "<link", "<script", "url("):  # self-contained
+        assert external not in page
+    records = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 1 + 40 * 3  # the configuration, then one line per map
+
+
+def test_ctrl_c_writes_the_report_so_far_and_the_same_command_carries_on(
+    shapes_models_file: Path,
+    shapes_folder: ShapesFolder,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder, labels = shapes_folder(6, 7)
+    output = tmp_path / "report"
+    real = evaluate_module._evaluate_batch
+    batches: list[int] = []
+
+    def interrupted_at_the_second_batch(model: Any, chunk: Any, *args: Any) -> Any:
+        batches.append(len(chunk))
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        return real(model, chunk, *args)
+
+    options = ("--layer", "layer2", "--scores", "none", "--batch-size", "2")
+    monkeypatch.setattr(evaluate_module, "_evaluate_batch", interrupted_at_the_second_batch)
+    assert _evaluate(shapes_models_file, folder, labels, output, *options) == 130
+    report = (output / "report.md").read_text()
+    assert "INTERRUPTED" in report
+    assert "2 of 6 images evaluated" in report
+    assert len(_table(report)) == 1
+
+    batches.clear()
+
+    def counted(model: Any, chunk: Any, *args: Any) -> Any:
+        batches.append(len(chunk))
+        return real(model, chunk, *args)
+
+    monkeypatch.setattr(evaluate_module, "_evaluate_batch", counted)
+    assert _evaluate(shapes_models_file, folder, labels, output, *options) == 0
+    assert batches == [2, 2]  # the 4 images left: the first 2 were not done again
+    report = (output / "report.md").read_text()
+    assert "INTERRUPTED" not in report
+    assert "6 of 6 images evaluated" in report
+    assert _table(report)[0]["images"] == "6"
+
+    capsys.readouterr()
+    other = ("--layer", "layer3", "--scores", "none")
+    assert _evaluate(shapes_models_file, folder, labels, output, *other) == 2
+    assert "--fresh" in capsys.readouterr().err
+    assert _evaluate(shapes_models_file, folder, labels, output, *other, "--fresh") == 0
+
+
+def test_unusable_images_and_labels_are_reported_not_fatal(
+    shapes_models_file: Path, shapes_folder: ShapesFolder, tmp_path: Path
+) -> None:
+    folder, labels = shapes_folder(3, 11)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    entries = json.loads(labels.read_text())
+    entries["shape01.png"]["label"] = "triangle"
+    labels.write_text(json.dumps(entries))
+    output = tmp_path / "report"
+    status = _evaluate(shapes_models_file, folder, labels, output, "--layer", "layer2")
+    assert status == 0
+    report = (output / "report.md").read_text()
+    assert "2 of 4 images evaluated" in report
+    assert "broken.png" in report
+    assert "triangle" in report
+    assert _table(report)[0]["images"] == "2"

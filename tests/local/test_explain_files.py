@@ -1,0 +1,117 @@
+"""``gradcam-service explain`` end to end, in process: the original script's outputs next to
+each image, the same maps as the engine gives, and the API's options."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.cli import main
+from service.engine.explain import ImageRequest, PostProcess, explain
+from service.engine.images import decode_image
+from service.engine.models import LoadedModel
+from service.engine.preprocess import preprocess
+
+ShapesFolder = Callable[..., tuple[Path, Path]]
+
+
+def _explain(models_file: Path, *args: str) -> int:
+    return main(["explain", *args, "--models-file", str(models_file)])
+
+
+def _size(path: Path | str) -> tuple[int, int]:
+    with Image.open(path) as picture:
+        return picture.size
+
+
+def test_explain_writes_overlay_panel_and_raw_map_next_to_each_image(
+    shapes_models_file: Path,
+    shapes_folder: ShapesFolder,
+    shapes_model: LoadedModel,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder, _ = shapes_folder(3, 5)
+    (folder / "notes.txt").write_text("not an image, not an image file name either")
+    status = _explain(
+        shapes_models_file,
+        str(folder),
+        "--layer",
+        "layer2",
+        "--target",
+        "disk",
+        "--threshold",
+        "0.125",
+        "--colormap",
+        "viridis",
+    )
+    assert status == 0
+    assert "explained 3 of 3 images" in capsys.readouterr().err
+    for image in sorted(folder.glob("shape??.png")):
+        stem = folder / f"{image.stem}.gradcam.layer2.disk"
+        assert _size(f"{stem}.overlay.png") == _size(image) == (64, 64)
+        assert _size(f"{stem}.panel.png")[0] > 3 * 64
+        raw = np.load(f"{stem}.npy")
+        # The map the engine gives for the same file, class and options.
+        tensor, _ = preprocess(decode_image(image.read_bytes()).image, shapes_model.preprocessing)
+        cam = explain(
+            shapes_model,
+            tensor[None],
+            [ImageRequest(layers=("layer2",), targets=(2,))],
+            post=PostProcess(mode="threshold", threshold=0.125),
+        ).maps[0][0]
+        assert raw.shape == (8, 8)
+        np.testing.assert_allclose(raw, cam.grid, atol=1e-6)
+        assert raw.min() >= 0.125 * raw.max() - 1e-6  # the threshold floor, not ReLU
+    assert len(list(folder.glob("*.overlay.png"))) == 3
+
+
+def test_layer_index_and_top_k_choose_as_the_api_does(
+    shapes_models_file: Path, shapes_folder: ShapesFolder
+) -> None:
+    folder, _ = shapes_folder(1, 6)
+    image = folder / "shape00.png"
+    assert _explain(shapes_models_file, str(image), "--layer-index", "2", "--top-k", "2") == 0
+    written = sorted(p.name for p in folder.glob("*.npy"))
+    assert len(written) == 2  # two classes, layer_idx 2 = layer4 on a ResNet
+    assert all(name.startswith("shape00.gradcam.layer4.") for name in written)
+    assert np.load(folder / written[0]).shape == (2, 2)
+
+
+def test_bad_options_and_files_are_one_line_each(
+    shapes_models_file: Path,
+    shapes_folder: ShapesFolder,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder, _ = shapes_folder(1, 8)
+    assert _explain(shapes_models_file, str(folder), "--layer", "layer9") == 2
+    assert "no usable layer 'layer9'" in capsys.readouterr().err
+    assert _explain(shapes_models_file, str(folder), "--target", "triangle") == 2
+    assert "triangle" in capsys.readouterr().err
+    assert _explain(shapes_models_file, str(tmp_path / "missing.png")) == 2
+    assert "no such file" in capsys.readouterr().err
+    broken = folder / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    assert _explain(shapes_models_file, str(folder)) == 1  # the good one is still explained
+    err = capsys.readouterr().err
+    assert "skipped" in err
+    assert "broken.png" in err
+    assert "explained 1 of 2 images" in err
+    assert not list(folder.glob("broken.*.png"))
+
+
+def test_a_models_file_with_several_models_needs_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = {"architecture": "resnet18", "num_classes": 2, "weights": "random"}
+    models = [{"name": name, **tiny} for name in ("a", "b")]
+    monkeypatch.setenv("GRADCAM_MODELS", json.dumps(models))
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    assert main(["explain", str(image)]) == 2  # refused before any model is loaded
+    assert "2 models are configured (a, b); choose one with --model" in capsys.readouterr().err

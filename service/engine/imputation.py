@@ -16,6 +16,7 @@ minimum-degree orderings only approximate) with SuperLU's symmetric mode solves 
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Final
@@ -40,7 +41,7 @@ NEIGHBOUR_WEIGHTS: Final = (
 #: within 10% of each other; smaller groups cost more Python calls to order).
 _LEAF: Final = 32
 #: Threads that solve the systems of one call concurrently (SuperLU releases the GIL).
-_SOLVER_THREADS: Final = 4
+_SOLVER_THREADS: Final = max(1, min(4, os.cpu_count() or 1))
 
 
 def impute(image: npt.NDArray[np.floating], known: npt.NDArray[np.bool_]) -> np.ndarray:

@@ -6,7 +6,8 @@ together) on those maps, ``--repeats`` times, and reports per map:
 - the forward passes the cost rule counts (``ScoreOptions.passes``, what the cap checks);
 - the median time, in milliseconds and in forward-pass equivalents: the time of one image's
   forward pass when ``--score-batch`` images go through the model together under
-  ``torch.inference_mode()`` (how the scores run their perturbed inputs);
+  ``torch.inference_mode()`` (how the scores run their perturbed inputs), timed back to back
+  with each score call so that the ratio holds on a machine whose speed drifts;
 - for ROAD, the part spent imputing (the sparse solves, timed alone on the same masks), and,
   once, what pytorch-grad-cam's imputer takes on the same masks.
 
@@ -43,14 +44,25 @@ from service.engine.scores import SCORE_NAMES, ScoreOptions, road_masks, score_m
 from service.engine.spec import ModelSpec  # noqa: E402
 
 
-def _median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _interleaved(
+    unit: Callable[[], object], fn: Callable[[], object], repeats: int
+) -> tuple[float, float]:
+    """Median seconds of ``fn`` and median of its time over ``unit``'s, run back to back
+    (unit, fn, unit, fn, ...) after one warm-up of each, so that drift in the machine's speed
+    (other work on its cores) hits both alike."""
+    unit()
+    fn()
+    seconds, ratios = [], []
     for _ in range(repeats):
         started = time.perf_counter()
+        unit()
+        unit_s = time.perf_counter() - started
+        started = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        fn_s = time.perf_counter() - started
+        seconds.append(fn_s)
+        ratios.append(fn_s / unit_s)
+    return statistics.median(seconds), statistics.median(ratios)
 
 
 def _reference_imputation_s(
@@ -102,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    pass_ms = 1000 * _median_s(forward, args.repeats) / args.score_batch
     images = [x[i].numpy() for i in range(args.images)]
 
     def impute() -> None:
@@ -110,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         for image, cam in zip(images, maps, strict=True):
             impute_many(image, road_masks(cam.input_map, ScoreOptions(("road",)).road_percentiles))
 
+    unit_s, _ = _interleaved(forward, forward, args.repeats)
+    pass_ms = 1000 * unit_s / args.score_batch
     defaults = ScoreOptions(names=SCORE_NAMES)
     lines = [
         f"Command: `{shlex.join(['python', 'bench/score_bench.py', *(argv or sys.argv[1:])])}`",
@@ -118,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         f" image) scored per call with the API's defaults (ROAD percentiles"
         f" {', '.join(map(str, defaults.road_percentiles))}, curve_step {defaults.curve_step});"
         f" median of {args.repeats} calls after one warm-up. One forward-pass equivalent: one"
-        f" image's share of a forward pass of {args.score_batch} images under inference_mode,"
-        f" {pass_ms:.1f} ms.",
+        f" image's share of a forward pass of {args.score_batch} images under inference_mode"
+        f" (median {pass_ms:.1f} ms), timed back to back with each call; the equivalents are the"
+        " median of those ratios.",
         "",
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
@@ -138,14 +152,17 @@ def main(argv: list[str] | None = None) -> int:
                 cam.scores.clear()
             score_maps(model, x, per_image, options, batch_size=args.score_batch)
 
-        ms = 1000 * _median_s(run, args.repeats) / args.images
+        seconds, ratio = _interleaved(forward, run, args.repeats)
+        # One forward-pass equivalent is 1/score_batch of the unit's batch, per map.
+        equivalents = ratio * args.score_batch / args.images
         imputation = "-"
         if "road" in names:
-            imputation = f"{1000 * _median_s(impute, args.repeats) / args.images:.0f}"
+            imputed_s, _ = _interleaved(forward, impute, args.repeats)
+            imputation = f"{1000 * imputed_s / args.images:.0f}"
         label = "all six" if len(names) > 1 else names[0]
         lines.append(
             f"| {label} | {options.passes_per_map()} (+{options.passes_per_image()} per image)"
-            f" | {ms:.0f} | {ms / pass_ms:.1f} | {imputation} |"
+            f" | {1000 * seconds / args.images:.0f} | {equivalents:.1f} | {imputation} |"
         )
     if not args.no_reference:
         reference_ms = 1000 * _reference_imputation_s(maps, x, defaults.road_percentiles)

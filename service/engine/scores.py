@@ -343,6 +343,7 @@ class _Prober:
         """Queue ``inputs`` (n, C, H, W); the result (n, len(targets)) holds each input's
         probability of each of ``targets``."""
         out = np.full((inputs.shape[0], len(targets)), np.nan)
+        inputs = inputs.to(self._model.device)  # ROAD's imputed inputs are made on the CPU
         self._rows.extend((inputs[j], targets, out, j) for j in range(inputs.shape[0]))
         while len(self._rows) >= self._batch_size:
             self._run(self._batch_size)
@@ -355,7 +356,7 @@ class _Prober:
 
     def _run(self, size: int) -> None:
         rows, self._rows = self._rows[:size], self._rows[size:]
-        batch = torch.stack([row[0] for row in rows]).to(self._model.device)
+        batch = torch.stack([row[0] for row in rows])
         with torch.inference_mode(), self._model.autocast():
             logits = self._model.module(batch)
         probabilities = self._model.probabilities(logits).cpu().numpy()

@@ -139,7 +139,7 @@ table { border-collapse: collapse; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: middle; }
 th { background: #f3f3f3; }
 td.name { text-align: left; font-family: monospace; }
-td.thumbs { text-align: left; }
+td.thumbs { text-align: left; white-space: nowrap; }
 td.thumbs img { margin: 1px; border: 1px solid #ddd; }
 tr.best td { background: #eef8ee; }
 .warn { color: #a00; font-weight: bold; }

@@ -241,3 +241,22 @@ def test_unknown_scores_and_bad_parameters_are_refused() -> None:
         ScoreOptions(names=("road",), road_percentiles=(0, 50))
     with pytest.raises(InvalidParameterError):
         ScoreOptions(names=("deletion",), curve_step=0)
+
+
+@pytest.mark.gpu
+def test_scores_on_cuda_match_the_cpu(
+    shapes_model: LoadedModel,
+    shapes_model_spec: Any,
+    case: tuple[torch.Tensor, list[int], list[CamMap]],
+) -> None:
+    """Perturbed inputs made on the CPU (ROAD's) and on the device (the others) batch together."""
+    from service.engine.loading import load_model
+
+    x, _, maps = case
+    on_cuda = load_model(shapes_model_spec, torch.device("cuda"))
+    options = ScoreOptions(names=SCORE_NAMES, curve_step=0.1)
+    cpu = _scored(shapes_model, x, maps, options, batch_size=7)
+    cuda = _scored(on_cuda, x, maps, options, batch_size=7)
+    for a, b in zip(cpu, cuda, strict=True):
+        for name in SCORE_NAMES:
+            assert a[name] == pytest.approx(b[name], abs=1e-3), name

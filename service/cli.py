@@ -18,7 +18,6 @@ import os
 import shlex
 import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType

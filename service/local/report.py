@@ -154,6 +154,17 @@ def _data_uri(path: Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
+def _code_spans(text: str) -> str:
+    """``text`` escaped for HTML, its Markdown `code` spans as <code> elements."""
+    pieces = text.split("`")
+    if len(pieces) % 2 == 0:  # an unpaired backtick: no spans
+        return html.escape(text)
+    return "".join(
+        f"<code>{html.escape(piece)}</code>" if i % 2 else html.escape(piece)
+        for i, piece in enumerate(pieces)
+    )
+
+
 def render_html(report: Report) -> str:
     """One page, nothing fetched from elsewhere: thumbnails are inlined as data URIs."""
     esc = html.escape
@@ -165,7 +176,7 @@ def render_html(report: Report) -> str:
     ]
     for fact in _facts(report):
         css = ' class="warn"' if fact.startswith(("WARNING", "INTERRUPTED")) else ""
-        parts.append(f"<li{css}>{esc(fact)}</li>")
+        parts.append(f"<li{css}>{_code_spans(fact)}</li>")
     parts.append("</ul><table><thead><tr>")
     parts += [f"<th>{esc(name)}</th>" for name in [*_header(report), "maps"]]
     parts.append("</tr></thead><tbody>")

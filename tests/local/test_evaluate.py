@@ -68,6 +68,7 @@ def test_evaluate_ranks_first_the_layer_that_points_at_the_shapes(
         assert float(row["explain ms/image"]) > 0
     page = (output / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 3 * 6  # 6 thumbnails a row
+    assert "<code>gradcam-service evaluate " in page  # the command to run it again
     for external in ('src="http', "<link", "<script", "url("):  # self-contained
         assert external not in page
     records = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]

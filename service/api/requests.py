@@ -293,10 +293,10 @@ class ExplainParams(DisplayParams):
     )
     road_percentiles: list[Percentile] = Field(
         default_factory=lambda: list(DEFAULT_ROAD_PERCENTILES),
-        min_length=1,
         max_length=MAX_ROAD_PERCENTILES,
         description="For the 'road' score: the percentiles of the map at which pixels are"
-        " removed (repeatable; two forward passes each).",
+        " removed (repeatable; two forward passes each). None given (an absent form field, or"
+        " an empty list) means the default.",
         examples=[list(DEFAULT_ROAD_PERCENTILES)],
         json_schema_extra=_one_or_many,
     )
@@ -313,6 +313,13 @@ class ExplainParams(DisplayParams):
     @classmethod
     def _single_to_list(cls, value: object) -> object:
         return _as_list(value)
+
+    @field_validator("road_percentiles")
+    @classmethod
+    def _default_percentiles(cls, value: list[int]) -> list[int]:
+        """A form cannot send an empty list, only leave the field out: in JSON too, no
+        percentiles means the default ones."""
+        return value or list(DEFAULT_ROAD_PERCENTILES)
 
     @field_validator("target")
     @classmethod

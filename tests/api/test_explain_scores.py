@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+
+from service.api.app import create_app
 
 
 def test_each_explanation_carries_the_scores_asked_for(client: TestClient, png: bytes) -> None:
@@ -63,3 +67,58 @@ def test_score_parameters_outside_their_ranges_are_refused(
     )
     assert response.status_code == 422, response.text
     assert field in response.text
+
+
+def test_no_road_percentiles_means_the_default_ones_in_json_as_in_a_form(
+    client: TestClient, png: bytes
+) -> None:
+    """A form can only leave a repeatable field out; an empty JSON list says the same."""
+    image = {"data": base64.b64encode(png).decode("ascii")}
+    body = {"images": [image], "scores": "road", "overlay": "none"}
+    explicit = client.post(
+        "/v1/models/tiny/explain", json={**body, "road_percentiles": [20, 40, 60, 80]}
+    )
+    empty = client.post("/v1/models/tiny/explain", json={**body, "road_percentiles": []})
+    form = client.post(
+        "/v1/models/tiny/explain",
+        files=[("image", ("a.png", png, "image/png"))],
+        data={"scores": "road", "overlay": "none"},
+    )
+    scores = [
+        response.json()["results"][0]["explanations"][0]["scores"]["road"]
+        for response in (explicit, empty, form)
+    ]
+    assert scores[0] == scores[1] == scores[2]  # the same percentiles and the same seeded noise
+
+
+@pytest.fixture(scope="module")
+def capped_client(
+    settings_factory: Callable[..., Any], tiny_spec: Any, until_ready: Callable[..., None]
+) -> Iterator[TestClient]:
+    settings = settings_factory(models=[tiny_spec], score_max_forward_passes=100)
+    with TestClient(create_app(settings)) as client:
+        until_ready(client)
+        yield client
+
+
+def test_scores_past_the_cost_cap_are_refused_before_any_work_naming_the_cost(
+    capped_client: TestClient, png: bytes
+) -> None:
+    # 2 targets x (1 + 19 + 19) passes + 1 blurred copy = 79: within 100.
+    within = capped_client.post(
+        "/v1/models/tiny/explain",
+        files=[("image", ("a.png", png, "image/png"))],
+        data={"scores": ["drop", "deletion", "insertion"], "top_k": "2", "overlay": "none"},
+    )
+    assert within.status_code == 200, within.text
+    # 3 targets: 118 passes.
+    past = capped_client.post(
+        "/v1/models/tiny/explain",
+        files=[("image", ("a.png", png, "image/png"))],
+        data={"scores": ["drop", "deletion", "insertion"], "top_k": "3", "overlay": "none"},
+    )
+    assert past.status_code == 422, past.text
+    problem = past.json()
+    assert problem["code"] == "scores_too_costly"
+    assert "118 forward passes" in problem["detail"]
+    assert "the limit is 100" in problem["detail"]

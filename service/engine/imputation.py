@@ -19,12 +19,13 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
-import scipy.sparse as sp
-from scipy.sparse.linalg import splu
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 #: (row offset, column offset) and weight of each neighbour, as in the ROAD paper's code.
 NEIGHBOUR_WEIGHTS: Final = (
@@ -62,6 +63,11 @@ def impute(image: npt.NDArray[np.floating], known: npt.NDArray[np.bool_]) -> np.
         return result.reshape(image.shape)
     if missing.size == known_flat.size:
         return np.zeros_like(result).reshape(image.shape)
+    # SciPy loads on the first ROAD score, not with the server: imported with it, explain over
+    # HTTP at c=1 took 47.5-48.7 ms p50 instead of 41.4-42.1 (bench/latency_bench.py, two
+    # interleaved runs each; OPENBLAS_NUM_THREADS=1 did not help, the cause is not known).
+    from scipy.sparse.linalg import splu
+
     matrix, rhs = _system(flat, known_flat, missing, height, width)
     rows, cols = np.divmod(missing, width)
     order = _dissection_order(rows, cols)
@@ -117,6 +123,8 @@ def _system(
         cols.append(unknown_index[neighbour[~is_known]])
         values.append(np.full(int((~is_known).sum()), weight))
     values[0] = -diagonal
+    import scipy.sparse as sp
+
     matrix = sp.csr_matrix(
         (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
         shape=(count, count),

@@ -3,6 +3,9 @@ ROAD authors' code) with its noise off, and the equation every filled pixel must
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -65,3 +68,22 @@ def test_many_masks_solved_in_threads_give_each_mask_its_own_result() -> None:
     masks = [keep, ~keep, np.roll(keep, 5, axis=1)]
     for together, mask in zip(impute_many(image, masks), masks, strict=True):
         np.testing.assert_array_equal(together, impute(image, mask))
+
+
+def test_the_server_does_not_load_scipy_until_a_road_score_is_computed() -> None:
+    """Imported with the server, SciPy made explain over HTTP ~6 ms slower at c=1
+    (bench/results/latency_cpu.md): it loads with the first imputation instead."""
+    probe = (
+        "import sys\n"
+        "import service.api.app, service.runtime.runtime, service.engine.scores\n"
+        "loaded = lambda: any(m == 'scipy' or m.startswith('scipy.') for m in sys.modules)\n"
+        "before = loaded()\n"
+        "import numpy as np\n"
+        "from service.engine.imputation import impute\n"
+        "impute(np.zeros((1, 4, 4)), np.eye(4, dtype=bool))\n"
+        "print(before, loaded())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.split() == ["False", "True"]

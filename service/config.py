@@ -260,6 +260,7 @@ class Settings(BaseSettings):
     scorecam_max_forward_passes: ForwardPasses = _RUNTIME.scorecam_max_forward_passes
     scorecam_batch_size: BatchSize = _RUNTIME.scorecam_batch_size
     score_max_forward_passes: ForwardPasses = _RUNTIME.score_max_forward_passes
+    score_max_road_solves: ForwardPasses = _RUNTIME.score_max_road_solves
     score_batch_size: BatchSize = _RUNTIME.score_batch_size
     max_upsampled_side: MapSide = _RUNTIME.max_upsampled_side
     exact_decode: bool = _RUNTIME.exact_decode
@@ -377,6 +378,7 @@ class Settings(BaseSettings):
             scorecam_max_forward_passes=self.scorecam_max_forward_passes,
             scorecam_batch_size=self.scorecam_batch_size,
             score_max_forward_passes=self.score_max_forward_passes,
+            score_max_road_solves=self.score_max_road_solves,
             score_batch_size=self.score_batch_size,
             max_upsampled_side=self.max_upsampled_side,
             exact_decode=self.exact_decode,

@@ -23,13 +23,14 @@ own sigmoid), ``M``, the map normalised to [0, 1] at the model's input size
   with ``curve_step`` of the pixels per step (deletion: lower is better; insertion: higher).
 
 All perturbed inputs of a call go through the model in batches on its device, without
-gradients. The ROAD noise comes from a generator seeded per call, so the same request gives the
-same scores.
+gradients. The ROAD noise of each map comes from a generator seeded by the map's layer and
+class, so the same request gives the same scores, whatever else the batcher put beside it.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
@@ -116,6 +117,11 @@ class ScoreOptions:
         """Forward passes shared by every map of an image: the blurred copy of the curves."""
         return 1 if set(self.names) & _CURVES else 0
 
+    def solves_per_map(self) -> int:
+        """ROAD's sparse solves for one map (one per removal mask), on the CPU whatever the
+        model's device: what the forward-pass count does not see."""
+        return 2 * len(self.road_percentiles) if "road" in self.names else 0
+
     def passes(self, maps: int, images: int) -> int:
         """Forward passes for ``maps`` maps over ``images`` images."""
         if not self.names:
@@ -136,18 +142,34 @@ def most_maps(model: LoadedModel, request: ImageRequest) -> int:
 
 
 def check_score_cost(
-    model: LoadedModel, requests: Sequence[ImageRequest], options: ScoreOptions, limit: int
+    model: LoadedModel,
+    requests: Sequence[ImageRequest],
+    options: ScoreOptions,
+    limit: int,
+    max_road_solves: int | None = None,
 ) -> None:
-    """Refuse, before any work, scores that would need more than ``limit`` forward passes."""
+    """Refuse, before any work, scores that would need more than ``limit`` forward passes, or
+    more than ``max_road_solves`` of ROAD's sparse solves (CPU work that a fast device does not
+    shorten: a request cheap in passes on a GPU can still hold its worker for minutes)."""
     maps = sum(most_maps(model, request) for request in requests)
     passes = options.passes(maps, len(requests))
+    advice = (
+        " Ask for fewer scores, images, targets or layers, fewer ROAD percentiles, or a larger"
+        " curve_step."
+    )
     if passes > limit:
         raise InvalidParameterError(
             f"The scores asked for ({', '.join(options.names)}) would need {passes} forward"
             f" passes for this request ({maps} maps: {options.passes_per_map()} each, plus"
-            f" {options.passes_per_image()} per image); the limit is {limit}. Ask for fewer"
-            " scores, images, targets or layers, fewer ROAD percentiles, or a larger"
-            " curve_step.",
+            f" {options.passes_per_image()} per image); the limit is {limit}." + advice,
+            code="scores_too_costly",
+        )
+    solves = maps * options.solves_per_map()
+    if max_road_solves is not None and solves > max_road_solves:
+        raise InvalidParameterError(
+            f"The ROAD score would need {solves} imputations (sparse linear solves on the CPU)"
+            f" for this request ({maps} maps: {options.solves_per_map()} each, two per"
+            f" percentile); the limit is {max_road_solves}." + advice,
             code="scores_too_costly",
         )
 
@@ -171,7 +193,6 @@ def score_maps(
     inputs = inputs.to(model.device).float()
     prober = _Prober(model, batch_size)
     finishers: list[Callable[[], None]] = []
-    generator = torch.Generator().manual_seed(options.seed)
     blurred = _blur(inputs) if names & _CURVES else None
     for i, image_maps in enumerate(maps):
         if not image_maps:
@@ -188,7 +209,7 @@ def score_maps(
             if names & _MULTIPLY:
                 finishers.append(_multiply(prober, cam, x, mask, names))
             if image_np is not None:
-                finishers.append(_road(prober, cam, image_np, options, generator))
+                finishers.append(_road(prober, cam, image_np, options))
             if blurred is not None and blurred_p is not None:
                 column, values = blurred_p
                 finishers.append(
@@ -233,14 +254,21 @@ def road_masks(input_map: np.ndarray, percentiles: Sequence[int]) -> list[np.nda
     return masks
 
 
+def road_noise_seed(seed: int, cam: CamMap) -> int:
+    """The seed of one map's ROAD noise, from the call's seed, the map's layer and its class:
+    a request's scores do not depend on which other images share its engine call (Python's
+    ``hash`` of a string changes between processes; CRC-32 does not)."""
+    return zlib.crc32(f"{seed}:{cam.layer}:{cam.target}".encode())
+
+
 def _road(
     prober: _Prober,
     cam: CamMap,
     image: np.ndarray,
     options: ScoreOptions,
-    generator: torch.Generator,
 ) -> Callable[[], None]:
     masks = road_masks(cam.input_map, options.road_percentiles)
+    generator = torch.Generator().manual_seed(road_noise_seed(options.seed, cam))
     perturbed = []
     for known, filled in zip(masks, impute_many(image, masks), strict=True):
         tensor = torch.from_numpy(filled).float()

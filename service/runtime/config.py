@@ -45,6 +45,7 @@ class RuntimeConfig:
     scorecam_max_forward_passes: ForwardPasses = 4096
     scorecam_batch_size: BatchSize = 32
     score_max_forward_passes: ForwardPasses = 16384  # faithfulness scores, per request
+    score_max_road_solves: ForwardPasses = 4096  # ROAD's sparse solves (CPU), per request
     score_batch_size: BatchSize = 32  # perturbed inputs per forward pass of the scores
     max_upsampled_side: MapSide = 1024  # upsampled=original maps are resampled to fit this
     exact_decode: bool = False  # decode every pixel of large uploads (slower; see decode_image)

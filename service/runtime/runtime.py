@@ -276,6 +276,7 @@ class Runtime:
                 [r for r, job in zip(requests, jobs, strict=True) if job.scores == options],
                 options,
                 self._config.score_max_forward_passes,
+                self._config.score_max_road_solves,
             )
         tensors, geometries, prep_s = await self._prepare(served, [j.image for j in jobs], caller)
         items = [

@@ -95,7 +95,9 @@ def test_no_road_percentiles_means_the_default_ones_in_json_as_in_a_form(
 def capped_client(
     settings_factory: Callable[..., Any], tiny_spec: Any, until_ready: Callable[..., None]
 ) -> Iterator[TestClient]:
-    settings = settings_factory(models=[tiny_spec], score_max_forward_passes=100)
+    settings = settings_factory(
+        models=[tiny_spec], score_max_forward_passes=100, score_max_road_solves=16
+    )
     with TestClient(create_app(settings)) as client:
         until_ready(client)
         yield client
@@ -122,3 +124,20 @@ def test_scores_past_the_cost_cap_are_refused_before_any_work_naming_the_cost(
     assert problem["code"] == "scores_too_costly"
     assert "118 forward passes" in problem["detail"]
     assert "the limit is 100" in problem["detail"]
+
+
+def test_road_past_its_solve_cap_is_refused_naming_the_imputations(
+    capped_client: TestClient, png: bytes
+) -> None:
+    def explain(top_k: int) -> Any:
+        return capped_client.post(
+            "/v1/models/tiny/explain",
+            files=[("image", ("a.png", png, "image/png"))],
+            data={"scores": "road", "top_k": str(top_k), "overlay": "none"},
+        )
+
+    assert explain(2).status_code == 200  # 2 maps x 8 solves: the cap
+    past = explain(3)
+    assert past.status_code == 422, past.text
+    assert past.json()["code"] == "scores_too_costly"
+    assert "24 imputations" in past.json()["detail"]

@@ -367,7 +367,12 @@ def _region(annotation: Annotation, image: LocalImage) -> np.ndarray | None:
 
 def pointing_hit(heat: np.ndarray, region: np.ndarray, tolerance: float = 0.0) -> bool:
     """Whether the map's peak (its first maximum, in raster order) lies on ``region``, or
-    within ``tolerance`` pixels of it (in rows and columns)."""
+    within ``tolerance`` pixels of it (in rows and columns).
+
+    A map with nothing positive (Grad-CAM found no evidence for the class) has no peak: it is
+    a miss, not a hit wherever an object covers pixel (0, 0), where argmax would point."""
+    if not heat.size or float(heat.max()) <= 0:
+        return False
     row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
     reach = math.floor(tolerance)
     window = region[

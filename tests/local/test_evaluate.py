@@ -175,3 +175,15 @@ def test_masks_measure_the_object_as_boxes_covering_the_same_pixels_do(
         [row[c] for c in measured] for row in boxes_rows
     ]
     assert any(float(row["energy_in_box"]) > 0 for row in mask_rows)
+
+
+def test_an_empty_map_has_no_peak_so_it_misses_even_an_object_at_the_corner() -> None:
+    region = np.zeros((8, 8), dtype=bool)
+    region[:4, :4] = True  # the object covers pixel (0, 0), where argmax of zeros points
+    empty = np.zeros((8, 8), dtype=np.float32)
+    assert not evaluate_module.pointing_hit(empty, region)
+    assert not evaluate_module.pointing_hit(empty, region, tolerance=3)
+    assert evaluate_module.energy_inside(empty, region) == 0.0
+    peaked = empty.copy()
+    peaked[1, 2] = 0.5
+    assert evaluate_module.pointing_hit(peaked, region)

@@ -195,6 +195,13 @@ def evaluate(
 ) -> int:
     """Evaluate, write the report; the exit status: 0, or 130 when interrupted (Ctrl-C)."""
     annotations = annotations or {}
+    columns = measured_columns(annotations, options.scores)
+    if options.rank_by is not None and options.rank_by not in columns:
+        choices = f"choose one of {', '.join(columns)}" if columns else "it measures nothing"
+        raise CommandError(
+            f"--rank-by {options.rank_by}: this run does not measure it ({choices}; the"
+            " pointing game and energy in box need boxes or masks in the labels)."
+        )
     files = image_files([folder])
     if not files:
         raise CommandError(f"{folder}: no image files found.")
@@ -225,10 +232,18 @@ def evaluate(
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: writing the report from the images done so far", file=sys.stderr)
-    report = _report(model, folder, files, options, run, interrupted, command)
+    report = _report(model, folder, files, options, columns, run, interrupted, command)
     markdown, html = write_reports(output, report)
     print(f"wrote {markdown} and {html}", file=sys.stderr)
     return 130 if interrupted else 0
+
+
+def measured_columns(annotations: dict[str, Annotation], scores: ScoreOptions | None) -> list[str]:
+    """The report's measures, known before any image is read (so that ``--rank-by`` is
+    checked up front): the pointing game and energy in box where some image has boxes or a
+    mask, then the scores asked for."""
+    located = any(a.boxes or a.mask is not None for a in annotations.values())
+    return ([POINTING, ENERGY] if located else []) + list(scores.names if scores else ())
 
 
 def _config(
@@ -395,19 +410,14 @@ def _report(
     folder: Path,
     files: Sequence[Path],
     options: EvaluateOptions,
+    columns: list[str],
     run: _Run,
     interrupted: bool,
     command: str,
 ) -> Report:
-    """Aggregate the records by (layer, method) and rank them."""
-    columns = [POINTING, ENERGY] if any(r.pointing is not None for r in run.records) else []
-    if options.scores is not None:
-        columns += list(options.scores.names)
+    """Aggregate the records by (layer, method) and rank them by ``options.rank_by`` (one of
+    ``columns``, checked before the run), else the first column."""
     rank_by = options.rank_by or (columns[0] if columns else None)
-    if rank_by is not None and rank_by not in columns:
-        raise CommandError(
-            f"--rank-by {rank_by}: not measured; choose one of {', '.join(columns)}."
-        )
     rows = []
     for layer in options.layers:
         for method in options.methods:

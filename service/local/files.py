@@ -111,7 +111,10 @@ def read_image(path: Path, model: LoadedModel, limits: ImageLimits) -> LocalImag
 
 
 def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    """``items`` in consecutive chunks of at most ``size``."""
+    """``items`` in consecutive chunks of at most ``size`` (1 or more: 0 would crash range()
+    and a negative size would yield nothing, silently skipping every image)."""
+    if size < 1:
+        raise ValueError(f"batch size must be 1 or more, not {size}")
     for start in range(0, len(items), size):
         yield items[start : start + size]
 

@@ -115,3 +115,28 @@ def test_a_models_file_with_several_models_needs_model(
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
     assert main(["explain", str(image)]) == 2  # refused before any model is loaded
     assert "2 models are configured (a, b); choose one with --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("--batch-size", "0"),
+        ("--batch-size", "-1"),
+        ("--top-k", "0"),
+        ("--alpha", "2"),
+        ("--threshold", "-0.5"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_by_the_parser(
+    bad: tuple[str, str],
+    shapes_models_file: Path,
+    shapes_folder: ShapesFolder,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder, _ = shapes_folder(1, 9)
+    with pytest.raises(SystemExit) as exited:
+        _explain(shapes_models_file, str(folder), *bad)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {bad[0]}: expected a" in err
+    assert not list(folder.glob("*.overlay.png"))

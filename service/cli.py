@@ -320,7 +320,9 @@ def _add_local_commands(commands: Any) -> None:
         description="Explain image files (or every image in folders) with a configured model,"
         " in process. For each map, writes <stem>.<method>.<layer>.<class>.overlay.png,"
         " .panel.png and .npy (the map on the layer's grid, rectified, not normalised) next to"
-        " the image.",
+        " the image; the stem is the whole file name where two images of a folder share a stem,"
+        " the class its label and index where two classes share a label. Pictures of an earlier"
+        " run found in folders are left out.",
     )
     explain.add_argument("paths", nargs="+", type=Path, help="image files or folders")
     _model_options(explain)

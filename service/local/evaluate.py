@@ -24,7 +24,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,7 +202,8 @@ def evaluate(
             f"--rank-by {options.rank_by}: this run does not measure it ({choices}; the"
             " pointing game and energy in box need boxes or masks in the labels)."
         )
-    files = image_files([folder])
+    found = image_files([folder], _inside(output, folder))
+    files = found.files
     if not files:
         raise CommandError(f"{folder}: no image files found.")
     names = [path.relative_to(folder).as_posix() for path in files]
@@ -234,8 +235,27 @@ def evaluate(
         print("\ninterrupted: writing the report from the images done so far", file=sys.stderr)
     report = _report(model, folder, files, options, columns, run, interrupted, command)
     markdown, html = write_reports(output, report)
+    if found.outputs:
+        print(
+            f"left out {found.outputs} images of this command's output in {output}", file=sys.stderr
+        )
     print(f"wrote {markdown} and {html}", file=sys.stderr)
     return 130 if interrupted else 0
+
+
+def _inside(output: Path, folder: Path) -> Callable[[Path], bool]:
+    """Whether a file found in ``folder`` is this command's output: anything under the output
+    folder where that lies inside ``folder`` (else a second run would evaluate the first
+    one's thumbnails), its thumbnails where it is ``folder`` itself."""
+    out, root = output.resolve(), folder.resolve()
+    if not out.is_relative_to(root):
+        return lambda path: False
+    mine = out.relative_to(root).parts or (THUMBNAILS_DIR,)
+
+    def inside(path: Path) -> bool:
+        return path.relative_to(folder).parts[: len(mine)] == mine
+
+    return inside
 
 
 def measured_columns(annotations: dict[str, Annotation], scores: ScoreOptions | None) -> list[str]:

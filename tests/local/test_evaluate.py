@@ -239,3 +239,24 @@ def test_options_that_cannot_work_are_refused_before_any_image_is_read(
     assert status == 2
     assert "boxes or masks" in capsys.readouterr().err
     assert not (output / "report.md").exists()
+
+
+@pytest.mark.parametrize("inside", ["report", "."], ids=["output-in-folder", "output-is-folder"])
+def test_a_second_run_does_not_evaluate_the_thumbnails_of_the_first(
+    inside: str,
+    shapes_models_file: Path,
+    shapes_folder: ShapesFolder,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder, labels = shapes_folder(3, 17)
+    output = folder / inside
+    options = ("--layer", "layer2", "--scores", "none")
+    assert _evaluate(shapes_models_file, folder, labels, output, *options) == 0
+    assert len(list((output / "thumbnails").glob("*.png"))) == 3
+    capsys.readouterr()
+    for again in ((), ("--fresh",)):
+        assert _evaluate(shapes_models_file, folder, labels, output, *options, *again) == 0
+        assert "left out 3 images of this command's output" in capsys.readouterr().err
+        report = (output / "report.md").read_text()
+        assert "3 of 3 images evaluated" in report
+        assert _table(report)[0]["images"] == "3"

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -266,6 +266,34 @@ def evaluate_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return _local_command(run, args)
 
 
+_N = TypeVar("_N", int, float)
+
+
+def _bounded(
+    convert: Callable[[str], _N], what: str, low: _N, high: _N | None = None
+) -> Callable[[str], _N]:
+    """An argparse type: ``convert``, refused outside [``low``, ``high``] (and NaN, infinity)
+    with a line naming the option and exit status 2, before any model or image is loaded; a
+    batch size of 0 would crash range(), a negative one would silently do nothing."""
+
+    def parse(text: str) -> _N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}") from None
+        if not (math.isfinite(value) and low <= value and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}")
+        return value
+
+    return parse
+
+
+_POSITIVE_INT = _bounded(int, "a whole number of 1 or more", 1)
+_COUNT = _bounded(int, "a whole number of 0 or more", 0)
+_PIXELS = _bounded(float, "a number of pixels, 0 or more", 0.0)
+_FRACTION = _bounded(float, "a number from 0 to 1", 0.0, 1.0)
+
+
 #: Scores ``evaluate`` computes unless told otherwise (the cheaper ones: 9 passes a map).
 DEFAULT_EVALUATE_SCORES = ("confidence_change", "drop", "increase", "road")
 
@@ -284,6 +312,7 @@ def _add_local_commands(commands: Any) -> None:
     from service.engine.methods import METHOD_NAMES
     from service.engine.render import COLORMAPS, DEFAULT_COLORMAP
     from service.engine.scores import DEFAULT_CURVE_STEP, SCORE_NAMES
+    from service.local.evaluate import ENERGY, POINTING
 
     explain = commands.add_parser(
         "explain",
@@ -291,7 +320,9 @@ def _add_local_commands(commands: Any) -> None:
         description="Explain image files (or every image in folders) with a configured model,"
         " in process. For each map, writes <stem>.<method>.<layer>.<class>.overlay.png,"
         " .panel.png and .npy (the map on the layer's grid, rectified, not normalised) next to"
-        " the image.",
+        " the image; the stem is the whole file name where two images of a folder share a stem,"
+        " the class its label and index where two classes share a label. Pictures of an earlier"
+        " run found in folders are left out.",
     )
     explain.add_argument("paths", nargs="+", type=Path, help="image files or folders")
     _model_options(explain)
@@ -310,16 +341,18 @@ def _add_local_commands(commands: Any) -> None:
         action="append",
         help="class by index or label (repeatable; default: the --top-k predicted)",
     )
-    explain.add_argument("--top-k", type=int, default=1, help="without --target (default 1)")
+    explain.add_argument(
+        "--top-k", type=_POSITIVE_INT, default=1, help="without --target (default 1)"
+    )
     explain.add_argument("--method", default="gradcam", choices=METHOD_NAMES)
     explain.add_argument(
         "--threshold",
-        type=float,
+        type=_FRACTION,
         help="the original script's floor, e.g. 0.125, instead of ReLU",
     )
     explain.add_argument("--colormap", default=DEFAULT_COLORMAP, choices=COLORMAPS)
-    explain.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (0.5)")
-    explain.add_argument("--batch-size", type=int, default=8, help="images per batch (8)")
+    explain.add_argument("--alpha", type=_FRACTION, default=0.5, help="heatmap opacity (0.5)")
+    explain.add_argument("--batch-size", type=_POSITIVE_INT, default=8, help="images per batch (8)")
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -371,18 +404,22 @@ def _add_local_commands(commands: Any) -> None:
     )
     evaluate.add_argument(
         "--pointing-tolerance",
-        type=float,
+        type=_PIXELS,
         default=0.0,
         help="pixels the map's peak may lie off the object and still count (default 0)",
     )
     evaluate.add_argument(
         "--rank-by",
+        choices=[POINTING, ENERGY, *SCORE_NAMES],
+        metavar="MEASURE",
         help="pointing_game, energy_in_box or a score (default: pointing_game with boxes,"
         " else the first score)",
     )
-    evaluate.add_argument("--batch-size", type=int, default=8, help="images per batch (8)")
     evaluate.add_argument(
-        "--thumbnails", type=int, default=6, help="images shown per row in report.html (6)"
+        "--batch-size", type=_POSITIVE_INT, default=8, help="images per batch (8)"
+    )
+    evaluate.add_argument(
+        "--thumbnails", type=_COUNT, default=6, help="images shown per row in report.html (6)"
     )
     evaluate.add_argument(
         "--fresh", action="store_true", help="discard the results of an earlier run"

@@ -15,7 +15,9 @@ as Markdown and as a self-contained HTML page with thumbnails (:mod:`service.loc
 
 Results are appended to ``results.jsonl`` in the output folder after each batch of images, so
 a run stopped by Ctrl-C writes its report from what it has, and the same command run again
-carries on where it stopped (``--fresh`` starts over).
+carries on where it stopped (``--fresh`` starts over): an image is done once every (layer,
+method) has its record, images that could not be read are tried again, and an unfinished last
+line (the process killed, the disk full) is dropped.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,13 +136,35 @@ class Record:
     scores_ms: float
 
 
+def _entry(line: bytes, first: bool) -> dict[str, Any]:
+    """One line of ``results.jsonl``: the configuration (the first line), a failed image, or a
+    record (checked here, so that a damaged line is told apart from a usable one); else
+    ValueError."""
+    entry = json.loads(line)
+    if not isinstance(entry, dict):
+        raise ValueError("not a JSON object")
+    if first:
+        if "config" not in entry:
+            raise ValueError("no configuration")
+    elif "error" in entry:
+        if not (isinstance(entry.get("image"), str) and isinstance(entry["error"], str)):
+            raise ValueError("not a failed image")
+    else:
+        try:
+            Record(**entry)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+    return entry
+
+
 @dataclass
 class _Run:
     """The state of one evaluation: what is done, and where it is written."""
 
     output: Path
     config: dict[str, Any]
-    records: list[Record] = field(default_factory=list)
+    pairs: frozenset[tuple[str, str]]  # every (layer, method) an image needs to be done
+    records: list[Record] = field(default_factory=list)  # of done images only
     failed: dict[str, str] = field(default_factory=dict)  # image -> why it was skipped
 
     @property
@@ -148,38 +172,84 @@ class _Run:
         return self.output / RESULTS_FILE
 
     def done(self) -> set[str]:
-        return {r.image for r in self.records} | set(self.failed)
+        """The images with a record for every (layer, method); failed ones are tried again."""
+        return {r.image for r in self.records}
 
-    def resume(self, fresh: bool) -> None:
-        """Load the results of an earlier run of the same configuration."""
-        if fresh or not self.results.exists():
+    def resume(self, fresh: bool, names: Sequence[str]) -> None:
+        """Load the results of an earlier run of the same configuration for the images
+        ``names``. Only images with every (layer, method) recorded count as done: Ctrl-C can
+        stop a batch's lines half written, and the records of such an image are left out
+        (it is done again) rather than counted twice. An unfinished last line (the process
+        killed, the disk full) is dropped from the file, so that the next lines start on
+        their own; damage anywhere else stops the command."""
+        lines = self._read_lines() if not fresh and self.results.exists() else []
+        if not lines:
             self.output.mkdir(parents=True, exist_ok=True)
             self.results.write_text(json.dumps({"config": self.config}) + "\n")
             return
-        lines = self.results.read_text(encoding="utf-8").splitlines()
-        header = json.loads(lines[0]) if lines else {}
-        if header.get("config") != self.config:
+        if lines[0].get("config") != self.config:
             raise CommandError(
                 f"{self.results} holds the results of another configuration (model, folder,"
                 " layers, methods, scores or labels); use --fresh to start over, or another"
                 " --output folder."
             )
-        for line in lines[1:]:
-            entry = json.loads(line)
+        by_image: dict[str, dict[tuple[str, str], Record]] = {}
+        failed: dict[str, str] = {}
+        for entry in lines[1:]:  # the latest result of an image wins
             if "error" in entry:
-                self.failed[entry["image"]] = entry["error"]
+                failed[entry["image"]] = entry["error"]
+                by_image.pop(entry["image"], None)
             else:
-                self.records.append(Record(**entry))
+                record = Record(**entry)
+                failed.pop(record.image, None)
+                by_image.setdefault(record.image, {})[(record.layer, record.method)] = record
+        for name in names:
+            mine = by_image.get(name, {})
+            if self.pairs <= mine.keys():
+                self.records += [mine[pair] for pair in sorted(self.pairs)]
+            elif name in failed:
+                self.failed[name] = failed[name]
+
+    def _read_lines(self) -> list[dict[str, Any]]:
+        """The entries of ``results.jsonl``, less an unusable last line, dropped from the
+        file too (said on stderr); a CommandError for an unusable line elsewhere."""
+        data = self.results.read_bytes()
+        lines = data.splitlines(keepends=True)
+        entries: list[dict[str, Any]] = []
+        for number, line in enumerate(lines, 1):
+            try:
+                entries.append(_entry(line, first=number == 1))
+            except ValueError as exc:
+                if number < len(lines):
+                    raise CommandError(
+                        f"{self.results}, line {number}: damaged ({exc}); use --fresh to start"
+                        " over."
+                    ) from None
+                kept = len(data) - len(line)
+                with self.results.open("r+b") as out:
+                    out.truncate(kept)
+                print(
+                    f"warning: {self.results}: dropped its unfinished last line (line {number},"
+                    f" {exc}); what it held is evaluated again",
+                    file=sys.stderr,
+                )
+        if lines and not data.endswith(b"\n") and len(entries) == len(lines):
+            with self.results.open("ab") as out:  # a whole last line but for its end
+                out.write(b"\n")
+        return entries
 
     def append(self, records: list[Record], failed: dict[str, str]) -> None:
-        """Add a batch's results, on disk first."""
+        """Add a batch's results, on disk first, in one write: a batch stopped half way
+        leaves its images without every record, and they are done again on resume."""
+        lines = [json.dumps({"image": image, "error": why}) + "\n" for image, why in failed.items()]
+        lines += [json.dumps(asdict(record)) + "\n" for record in records]
         with self.results.open("a", encoding="utf-8") as out:
-            for image, why in failed.items():
-                out.write(json.dumps({"image": image, "error": why}) + "\n")
-            for record in records:
-                out.write(json.dumps(asdict(record)) + "\n")
+            out.write("".join(lines))
+            out.flush()
         self.records.extend(records)
         self.failed.update(failed)
+        for record in records:
+            self.failed.pop(record.image, None)
 
 
 def evaluate(
@@ -195,7 +265,15 @@ def evaluate(
 ) -> int:
     """Evaluate, write the report; the exit status: 0, or 130 when interrupted (Ctrl-C)."""
     annotations = annotations or {}
-    files = image_files([folder])
+    columns = measured_columns(annotations, options.scores)
+    if options.rank_by is not None and options.rank_by not in columns:
+        choices = f"choose one of {', '.join(columns)}" if columns else "it measures nothing"
+        raise CommandError(
+            f"--rank-by {options.rank_by}: this run does not measure it ({choices}; the"
+            " pointing game and energy in box need boxes or masks in the labels)."
+        )
+    found = image_files([folder], _inside(output, folder))
+    files = found.files
     if not files:
         raise CommandError(f"{folder}: no image files found.")
     names = [path.relative_to(folder).as_posix() for path in files]
@@ -204,8 +282,9 @@ def evaluate(
         raise CommandError(
             f"The labels file names images that are not in {folder}: {', '.join(unknown[:5])}."
         )
-    run = _Run(output, _config(model, folder, options, annotations))
-    run.resume(fresh)
+    pairs = frozenset((layer, method) for layer in options.layers for method in options.methods)
+    run = _Run(output, _config(model, folder, options, annotations), pairs)
+    run.resume(fresh, names)
     done = run.done()
     todo = [i for i, name in enumerate(names) if name not in done]
     interrupted = False
@@ -225,10 +304,37 @@ def evaluate(
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: writing the report from the images done so far", file=sys.stderr)
-    report = _report(model, folder, files, options, run, interrupted, command)
+    report = _report(model, folder, files, options, columns, run, interrupted, command)
     markdown, html = write_reports(output, report)
+    if found.outputs:
+        print(
+            f"left out {found.outputs} images of this command's output in {output}", file=sys.stderr
+        )
     print(f"wrote {markdown} and {html}", file=sys.stderr)
     return 130 if interrupted else 0
+
+
+def _inside(output: Path, folder: Path) -> Callable[[Path], bool]:
+    """Whether a file found in ``folder`` is this command's output: anything under the output
+    folder where that lies inside ``folder`` (else a second run would evaluate the first
+    one's thumbnails), its thumbnails where it is ``folder`` itself."""
+    out, root = output.resolve(), folder.resolve()
+    if not out.is_relative_to(root):
+        return lambda path: False
+    mine = out.relative_to(root).parts or (THUMBNAILS_DIR,)
+
+    def inside(path: Path) -> bool:
+        return path.relative_to(folder).parts[: len(mine)] == mine
+
+    return inside
+
+
+def measured_columns(annotations: dict[str, Annotation], scores: ScoreOptions | None) -> list[str]:
+    """The report's measures, known before any image is read (so that ``--rank-by`` is
+    checked up front): the pointing game and energy in box where some image has boxes or a
+    mask, then the scores asked for."""
+    located = any(a.boxes or a.mask is not None for a in annotations.values())
+    return ([POINTING, ENERGY] if located else []) + list(scores.names if scores else ())
 
 
 def _config(
@@ -367,7 +473,12 @@ def _region(annotation: Annotation, image: LocalImage) -> np.ndarray | None:
 
 def pointing_hit(heat: np.ndarray, region: np.ndarray, tolerance: float = 0.0) -> bool:
     """Whether the map's peak (its first maximum, in raster order) lies on ``region``, or
-    within ``tolerance`` pixels of it (in rows and columns)."""
+    within ``tolerance`` pixels of it (in rows and columns).
+
+    A map with nothing positive (Grad-CAM found no evidence for the class) has no peak: it is
+    a miss, not a hit wherever an object covers pixel (0, 0), where argmax would point."""
+    if not heat.size or float(heat.max()) <= 0:
+        return False
     row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
     reach = math.floor(tolerance)
     window = region[
@@ -390,19 +501,14 @@ def _report(
     folder: Path,
     files: Sequence[Path],
     options: EvaluateOptions,
+    columns: list[str],
     run: _Run,
     interrupted: bool,
     command: str,
 ) -> Report:
-    """Aggregate the records by (layer, method) and rank them."""
-    columns = [POINTING, ENERGY] if any(r.pointing is not None for r in run.records) else []
-    if options.scores is not None:
-        columns += list(options.scores.names)
+    """Aggregate the records by (layer, method) and rank them by ``options.rank_by`` (one of
+    ``columns``, checked before the run), else the first column."""
     rank_by = options.rank_by or (columns[0] if columns else None)
-    if rank_by is not None and rank_by not in columns:
-        raise CommandError(
-            f"--rank-by {rank_by}: not measured; choose one of {', '.join(columns)}."
-        )
     rows = []
     for layer in options.layers:
         for method in options.methods:

@@ -1,17 +1,25 @@
 """``gradcam-service explain``: the original script's use, on local files, in process.
 
 For each image and each (target, layer) it writes three files next to the image, named
-``<stem>.<method>.<layer>.<label>`` plus:
+``<stem>.<method>.<layer>.<label>`` plus the endings below. The stem is the image's whole name
+(``im0.png``) where another image of the same folder has the same stem (``im0.jpg``); the
+label is followed by the class index (``crane.134``) where another class has the same label
+(ImageNet's two cranes): no map overwrites another's files.
 
 - ``.overlay.png``: the heatmap coloured and blended on the image, at the image's size;
 - ``.panel.png``: the four-part figure (original, overlay, heatmap, colour scale);
 - ``.npy``: the map on the layer's feature grid (e.g. 7x7), rectified (ReLU or the threshold
   floor) but not normalised: the API's ``raw_heatmap``.
+
+Images in folders whose names end as these pictures do (``.<method>.<layer>.<label>.overlay.png``
+and ``.panel.png``) are left out: a second run must not explain the first one's pictures.
 """
 
 from __future__ import annotations
 
+import re
 import sys
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +29,7 @@ import torch
 
 from service.engine.explain import CamMap, ImageRequest, PostProcess, explain
 from service.engine.images import ImageLimits
+from service.engine.methods import METHOD_NAMES
 from service.engine.models import LoadedModel
 from service.engine.preprocess import map_to_original
 from service.engine.render import encode_png, overlay, render_panel
@@ -29,6 +38,7 @@ from service.local.files import (
     CommandError,
     LocalImage,
     batches,
+    distinct_names,
     image_files,
     progress,
     read_image,
@@ -51,24 +61,66 @@ class ExplainOptions:
     batch_size: int = 8
 
 
-def output_stem(image: Path, model: LoadedModel, cam: CamMap) -> Path:
-    """Where one map's files go: next to ``image``, named after it, the method, layer and
-    class (``.overlay.png``, ``.panel.png`` and ``.npy`` are added)."""
-    parts = (image.stem, cam.method, cam.layer, model.labels[cam.target])
-    return image.with_name(".".join(safe_name(part) for part in parts))
+#: The pictures this command writes: ``<stem>.<method>.<layer>.<class>.overlay.png`` and
+#: ``.panel.png``.
+OUTPUT_PICTURE = re.compile(
+    r"^.+\.(?:"
+    + "|".join(re.escape(safe_name(method)) for method in METHOD_NAMES)
+    + r")\..+\..+\.(?:overlay|panel)\.png$"
+)
+
+
+def is_output_picture(path: Path) -> bool:
+    """Whether ``path`` is named as a picture this command writes."""
+    return OUTPUT_PICTURE.match(path.name) is not None
+
+
+def image_stems(files: Sequence[Path]) -> dict[Path, str]:
+    """The name each image's outputs start with: its stem, or its whole name where another of
+    ``files`` in the same folder has the same stem (``im0.png`` and ``im0.jpg``)."""
+    by_folder: dict[Path, list[Path]] = defaultdict(list)
+    for path in files:
+        by_folder[path.parent.resolve()].append(path)
+    stems: dict[Path, str] = {}
+    for paths in by_folder.values():
+        stems.update(distinct_names({path: (path.stem, path.name) for path in paths}))
+    return stems
+
+
+def class_names(labels: Sequence[str]) -> list[str]:
+    """Each class's part of a file name: its label, followed by its index where another
+    class's label is written the same way (ImageNet's two ``crane`` classes, 134 and 517;
+    ``a b`` and ``a/b``; ``Crane`` and ``crane`` on a disk that ignores case)."""
+    names = distinct_names(
+        {i: (safe_name(label), f"{safe_name(label)}.{i}") for i, label in enumerate(labels)}
+    )
+    return list(names.values())
+
+
+def output_stem(image: Path, stem: str, classes: Sequence[str], cam: CamMap) -> Path:
+    """Where one map's files go: next to ``image``, named after it (``stem``), the method,
+    layer and class (``.overlay.png``, ``.panel.png`` and ``.npy`` are added)."""
+    return image.with_name(
+        ".".join((stem, safe_name(cam.method), safe_name(cam.layer), classes[cam.target]))
+    )
 
 
 def explain_files(
     model: LoadedModel, paths: Sequence[Path], options: ExplainOptions, limits: ImageLimits
 ) -> int:
-    """Explain every image of ``paths`` (files, or folders searched for images); the exit
-    status: 0, or 1 when some files could not be read."""
+    """Explain every image of ``paths`` (files, or folders searched for images, less the
+    pictures of an earlier run); the exit status: 0, or 1 when some files could not be read
+    or some maps were not written."""
     request, post = _plan(model, options)
-    files = image_files(paths)
+    found = image_files(paths, is_output_picture)
+    files = found.files
     if not files:
         raise CommandError("No image files found in: " + ", ".join(map(str, paths)))
-    failed: list[str] = []
-    written = 0
+    stems = image_stems(files)
+    classes = class_names(model.labels)
+    failed: list[str] = []  # files that could not be read
+    clashes: list[str] = []  # maps not written, lest they overwrite another's
+    written: set[Path] = set()
     with progress(len(files), "explain") as bar:
         for chunk in batches(files, options.batch_size):
             images: list[LocalImage] = []
@@ -84,17 +136,30 @@ def explain_files(
                 )
                 for image, maps in zip(images, result.maps, strict=True):
                     for cam in maps:
-                        _write(model, image, cam, options, post)
-                        written += 1
+                        stem = output_stem(image.path, stems[image.path], classes, cam)
+                        if stem in written:  # never silently: the names are meant to differ
+                            clashes.append(
+                                f"{image.path}: not written, {stem.name}.* was written earlier"
+                                " in this run"
+                            )
+                            continue
+                        _write(model, image, cam, options, post, stem)
+                        written.add(stem)
             bar.update(len(chunk))
-    for line in failed:
+    for line in failed + clashes:
         print(f"skipped {line}", file=sys.stderr)
+    outputs = (
+        f"; left out {found.outputs} pictures of an earlier explain (.overlay.png, .panel.png)"
+        if found.outputs
+        else ""
+    )
     print(
         f"explained {len(files) - len(failed)} of {len(files)} images with {options.method}:"
-        f" {written} maps, each as .overlay.png, .panel.png and .npy next to its image",
+        f" {len(written)} maps, each as .overlay.png, .panel.png and .npy next to its image"
+        + outputs,
         file=sys.stderr,
     )
-    return 1 if failed else 0
+    return 1 if failed or clashes else 0
 
 
 def _plan(model: LoadedModel, options: ExplainOptions) -> tuple[ImageRequest, PostProcess]:
@@ -119,11 +184,15 @@ def _plan(model: LoadedModel, options: ExplainOptions) -> tuple[ImageRequest, Po
 
 
 def _write(
-    model: LoadedModel, image: LocalImage, cam: CamMap, options: ExplainOptions, post: PostProcess
+    model: LoadedModel,
+    image: LocalImage,
+    cam: CamMap,
+    options: ExplainOptions,
+    post: PostProcess,
+    stem: Path,
 ) -> None:
     shown = np.asarray(image.decoded.image)
     heat = map_to_original(cam.grid_normalized, image.geometry, normalize=post.mode == "relu")
-    stem = output_stem(image.path, model, cam)
     blended = overlay(shown, heat, colormap=options.colormap, alpha=options.alpha)
     stem.with_name(stem.name + ".overlay.png").write_bytes(encode_png(blended))
     title = f"{model.labels[cam.target]} ({cam.probability:.1%}) | {cam.layer} | {cam.method}"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -26,6 +27,7 @@ IMAGE_SUFFIXES = frozenset(
 )
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 
 class CommandError(Exception):
@@ -67,21 +69,37 @@ def load_configured_model(
     return model
 
 
-def image_files(paths: Sequence[Path]) -> list[Path]:
-    """The files named, and the image files in the folders named (recursively), sorted."""
-    found: list[Path] = []
+@dataclass(frozen=True)
+class ImageFiles:
+    """The image files a command works on, and how many it left out as its own output."""
+
+    files: list[Path]
+    outputs: int = 0
+
+
+def image_files(
+    paths: Sequence[Path], is_output: Callable[[Path], bool] | None = None
+) -> ImageFiles:
+    """The files named, and the image files in the folders named (recursively, sorted), each
+    once (the same file by two paths is one). Files found in folders for which ``is_output``
+    holds are left out and counted: a command must not read back what an earlier run of it
+    wrote there (files named explicitly are always taken)."""
+    found: dict[Path, Path] = {}  # the file itself -> the path it was first named by
+    outputs = 0
     for path in paths:
         if path.is_dir():
-            found.extend(
-                sorted(
-                    p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                )
-            )
+            for image in sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            ):
+                if is_output is not None and is_output(image):
+                    outputs += 1
+                else:
+                    found.setdefault(image.resolve(), image)
         elif path.is_file():
-            found.append(path)
+            found.setdefault(path.resolve(), path)
         else:
             raise CommandError(f"{path}: no such file or folder.")
-    return list(dict.fromkeys(found))
+    return ImageFiles(list(found.values()), outputs)
 
 
 @dataclass(frozen=True)
@@ -111,7 +129,10 @@ def read_image(path: Path, model: LoadedModel, limits: ImageLimits) -> LocalImag
 
 
 def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    """``items`` in consecutive chunks of at most ``size``."""
+    """``items`` in consecutive chunks of at most ``size`` (1 or more: 0 would crash range()
+    and a negative size would yield nothing, silently skipping every image)."""
+    if size < 1:
+        raise ValueError(f"batch size must be 1 or more, not {size}")
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -122,5 +143,29 @@ def progress(total: int, description: str, initial: int = 0) -> tqdm[NoReturn]:
 
 
 def safe_name(text: str) -> str:
-    """``text`` as a piece of a file name: letters, digits, '.', '-' and '_' only."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"
+    """``text`` as a piece of a file name: letters, digits, '.', '+', '-' and '_' only ('+' is
+    kept so that gradcam++ is not named as gradcam)."""
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "_", text).strip("_") or "_"
+
+
+def distinct_names(choices: Mapping[K, tuple[str, str]]) -> dict[K, str]:
+    """For each key its short name, or its long one where the short one is shared with another
+    key's name (compared ignoring case, as a Mac's or Windows' disk does), so that no two
+    outputs overwrite each other; the long names must differ from each other. A key's name
+    depends only on the keys asked about together, so reruns write the same names."""
+    chosen = {key: short for key, (short, _) in choices.items()}
+    while True:
+        holders: dict[str, list[K]] = defaultdict(list)
+        for key, name in chosen.items():
+            holders[name.casefold()].append(key)
+        clashing = [
+            key
+            for keys in holders.values()
+            if len(keys) > 1
+            for key in keys
+            if chosen[key] != choices[key][1]
+        ]
+        if not clashing:
+            return chosen
+        for key in clashing:
+            chosen[key] = choices[key][1]

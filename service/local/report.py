@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import datetime
 import html
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,28 +67,68 @@ def write_reports(output: Path, report: Report) -> tuple[Path, Path]:
     return markdown, page
 
 
-def _title(report: Report) -> str:
-    return f"Grad-CAM evaluation: {report.model} ({report.architecture}) on {report.folder}"
+#: Characters that open or close Markdown inline syntax (code, emphasis, links, HTML, entities,
+#: strikethrough) or end a table cell; an underscore only where it can delimit emphasis, that is
+#: not between two letters or digits (``pointing_game`` stays as it is).
+_MD_INLINE = re.compile(r"([\\`*\[\]<>|~&])|(?<![^\W_])_|_(?![^\W_])")
+_LINE_BREAK = re.compile(r"\r\n|[\r\n\v\f\x85\u2028\u2029]")
 
 
-def _facts(report: Report) -> list[str]:
+def md_text(text: str) -> str:
+    """``text`` (a file name, an error) as literal Markdown in a table cell, a list item or a
+    heading: a ``|`` would split the cell, a backtick or ``*`` would start code or emphasis, a
+    leading ``-`` or ``1.`` a nested list, a trailing ``#`` would close a heading, a line break
+    would end the row; and the spaces Markdown strips from either end are kept as character
+    references."""
+    escaped = _MD_INLINE.sub(lambda m: "\\" + m.group(0), _LINE_BREAK.sub(" ", text))
+    # What opens a block at the start of a list item: a heading or a list, markers followed
+    # by a space or nothing (-0.25 stays as it is); a rule of three dashes.
+    escaped = re.sub(r"^([#+-])(?=\s|$)|^(?=(?:-\s*){3,}$)", r"\\\1", escaped)
+    escaped = re.sub(r"^(\d{1,9})([.)])(?=\s|$)", r"\1\\\2", escaped)  # a numbered list
+    escaped = re.sub(r"(?<!\\)#$", r"\\#", escaped)  # a heading's closing sequence
+    core = escaped.strip()
+    lead = escaped[: len(escaped) - len(escaped.lstrip())]
+    trail = escaped[len(lead) + len(core) :]
+    return "".join(f"&#{ord(c)};" for c in lead) + core + "".join(f"&#{ord(c)};" for c in trail)
+
+
+def md_code(text: str) -> str:
+    """``text`` as one Markdown code span, whatever backticks it holds: fenced by a longer run
+    of backticks than any inside, padded where it starts or ends with one."""
+    flat = _LINE_BREAK.sub(" ", text)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", flat)), default=0) + 1)
+    pad = " " if flat[:1] in ("`", " ") or flat[-1:] in ("`", " ") else ""
+    return f"{fence}{pad}{flat}{pad}{fence}"
+
+
+def _title(report: Report, text: Callable[[str], str]) -> str:
+    """The heading, its parts from the user (model, folder) escaped by ``text``."""
+    return (
+        f"Grad-CAM evaluation: {text(report.model)} ({text(report.architecture)})"
+        f" on {text(report.folder)}"
+    )
+
+
+def _facts(report: Report) -> list[tuple[str, str]]:
+    """The report's facts, each as (plain text, code): the code (the command, empty for
+    others) is set apart by each format its own way."""
     facts = [
-        f"{report.evaluated} of {report.images} images evaluated on {report.device}",
-        f"date: {report.date}",
+        (f"{report.evaluated} of {report.images} images evaluated on {report.device}", ""),
+        (f"date: {report.date}", ""),
     ]
     if report.interrupted:
-        facts.insert(0, "INTERRUPTED: run the same command again to carry on from here")
+        facts.insert(0, ("INTERRUPTED: run the same command again to carry on from here", ""))
     if report.command:
-        facts.append(f"command: `{report.command}`")
+        facts.append(("command:", report.command))
     if report.rank_by:
         direction = "lower" if report.rank_by in report.lower_is_better else "higher"
-        facts.append(f"ranked by {report.rank_by} ({direction} is better)")
+        facts.append((f"ranked by {report.rank_by} ({direction} is better)", ""))
     if "pointing_game" in report.columns:
-        facts.append(f"pointing tolerance: {report.pointing_tolerance:g} px")
+        facts.append((f"pointing tolerance: {report.pointing_tolerance:g} px", ""))
     if report.random_weights:
-        facts.append("WARNING: the model has RANDOM weights; these results are meaningless")
+        facts.append(("WARNING: the model has RANDOM weights; these results are meaningless", ""))
     if report.failed:
-        facts.append(f"{len(report.failed)} images skipped (listed at the end)")
+        facts.append((f"{len(report.failed)} images skipped (listed at the end)", ""))
     return facts
 
 
@@ -119,17 +161,22 @@ def _cells(rank: int, row: Row, report: Report) -> list[str]:
 
 
 def render_markdown(report: Report) -> str:
-    lines = [f"# {_title(report)}", ""]
-    lines += [f"- {fact}" for fact in _facts(report)]
+    """The report as Markdown; every name and error from the user's files is escaped."""
+    lines = [f"# {_title(report, md_text)}", ""]
+    lines += [
+        f"- {md_text(text)}{f' {md_code(code)}' if code else ''}" for text, code in _facts(report)
+    ]
     header = _header(report)
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["", "| " + " | ".join(map(md_text, header)) + " |", "|" + "---|" * len(header)]
     for rank, row in enumerate(report.rows, 1):
-        lines.append("| " + " | ".join(_cells(rank, row, report)) + " |")
+        lines.append("| " + " | ".join(map(md_text, _cells(rank, row, report))) + " |")
     lines += ["", "Columns (means over the images; times are medians):", ""]
     lines += [f"- `{column}`: {_COLUMN_DOC.get(column, column)}" for column in report.columns]
     if report.failed:
         lines += ["", "Skipped images:", ""]
-        lines += [f"- {name}: {why}" for name, why in sorted(report.failed.items())]
+        lines += [
+            f"- {md_text(name)}: {md_text(why)}" for name, why in sorted(report.failed.items())
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -154,29 +201,18 @@ def _data_uri(path: Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _code_spans(text: str) -> str:
-    """``text`` escaped for HTML, its Markdown `code` spans as <code> elements."""
-    pieces = text.split("`")
-    if len(pieces) % 2 == 0:  # an unpaired backtick: no spans
-        return html.escape(text)
-    return "".join(
-        f"<code>{html.escape(piece)}</code>" if i % 2 else html.escape(piece)
-        for i, piece in enumerate(pieces)
-    )
-
-
 def render_html(report: Report) -> str:
     """One page, nothing fetched from elsewhere: thumbnails are inlined as data URIs."""
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{esc(_title(report))}</title><style>{_STYLE}</style></head><body>",
-        f"<h1>{esc(_title(report))}</h1><ul>",
+        f"<title>{_title(report, esc)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{_title(report, esc)}</h1><ul>",
     ]
-    for fact in _facts(report):
-        css = ' class="warn"' if fact.startswith(("WARNING", "INTERRUPTED")) else ""
-        parts.append(f"<li{css}>{_code_spans(fact)}</li>")
+    for text, code in _facts(report):
+        css = ' class="warn"' if text.startswith(("WARNING", "INTERRUPTED")) else ""
+        parts.append(f"<li{css}>{esc(text)}{f' <code>{esc(code)}</code>' if code else ''}</li>")
     parts.append("</ul><table><thead><tr>")
     parts += [f"<th>{esc(name)}</th>" for name in [*_header(report), "maps"]]
     parts.append("</tr></thead><tbody>")

@@ -14,8 +14,11 @@ from PIL import Image
 from service.cli import main
 from service.engine.explain import ImageRequest, PostProcess, explain
 from service.engine.images import decode_image
+from service.engine.methods import METHOD_NAMES
 from service.engine.models import LoadedModel
 from service.engine.preprocess import preprocess
+from service.local import explain_files as explain_files_module
+from service.local.files import safe_name
 
 ShapesFolder = Callable[..., tuple[Path, Path]]
 
@@ -115,3 +118,111 @@ def test_a_models_file_with_several_models_needs_model(
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
     assert main(["explain", str(image)]) == 2  # refused before any model is loaded
     assert "2 models are configured (a, b); choose one with --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("--batch-size", "0"),
+        ("--batch-size", "-1"),
+        ("--top-k", "0"),
+        ("--alpha", "2"),
+        ("--threshold", "-0.5"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_by_the_parser(
+    bad: tuple[str, str],
+    shapes_models_file: Path,
+    shapes_folder: ShapesFolder,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder, _ = shapes_folder(1, 9)
+    with pytest.raises(SystemExit) as exited:
+        _explain(shapes_models_file, str(folder), *bad)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {bad[0]}: expected a" in err
+    assert not list(folder.glob("*.overlay.png"))
+
+
+def test_a_second_run_leaves_out_the_pictures_of_the_first(
+    shapes_models_file: Path, shapes_folder: ShapesFolder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, _ = shapes_folder(2, 12)
+    options = ("--layer", "layer2", "--target", "disk")
+    assert _explain(shapes_models_file, str(folder), *options) == 0
+    capsys.readouterr()
+    assert _explain(shapes_models_file, str(folder), *options) == 0
+    err = capsys.readouterr().err
+    assert "explained 2 of 2 images" in err
+    assert "left out 4 pictures of an earlier explain" in err
+    assert sorted(p.name for p in folder.glob("*.overlay.png")) == [
+        "shape00.gradcam.layer2.disk.overlay.png",
+        "shape01.gradcam.layer2.disk.overlay.png",
+    ]
+    # Named on the command line, a picture is explained like any image.
+    overlay = folder / "shape00.gradcam.layer2.disk.overlay.png"
+    assert _explain(shapes_models_file, str(overlay), *options) == 0
+    assert (folder / "shape00.gradcam.layer2.disk.overlay.gradcam.layer2.disk.npy").exists()
+
+
+def test_images_sharing_a_stem_and_classes_sharing_a_label_get_their_own_files(
+    shapes_models_file: Path,
+    shapes_folder: ShapesFolder,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder, _ = shapes_folder(2, 14)
+    with Image.open(folder / "shape00.png") as picture:
+        picture.save(folder / "shape00.jpg")
+    # The same model, its first two classes labelled alike but for case.
+    entry = json.loads(shapes_models_file.read_text())["models"][0]
+    entry["labels"] = ["crane", "Crane", *entry["labels"][2:]]
+    twins = tmp_path / "twins.json"
+    twins.write_text(json.dumps({"models": [entry]}))
+    status = _explain(twins, str(folder), "--layer", "layer2", "--target", "0", "--target", "1")
+    assert status == 0
+    assert "explained 3 of 3 images" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.glob("*.npy")) == [
+        f"{stem}.gradcam.layer2.{label}.npy"
+        for stem in ("shape00.jpg", "shape00.png", "shape01")
+        for label in ("Crane.1", "crane.0")
+    ]
+
+
+def test_a_map_is_never_written_over_another_of_the_same_run(
+    shapes_models_file: Path,
+    shapes_folder: ShapesFolder,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder, _ = shapes_folder(1, 15)
+    # Were two classes ever named alike, the second map must be refused, not written over the first.
+    monkeypatch.setattr(explain_files_module, "class_names", lambda labels: ["same"] * 3)
+    assert _explain(shapes_models_file, str(folder), "--layer", "layer2", "--top-k", "2") == 1
+    err = capsys.readouterr().err
+    assert "shape00.gradcam.layer2.same.* was written earlier in this run" in err
+    assert "1 maps" in err
+    assert len(list(folder.glob("*.npy"))) == 1
+
+
+def test_class_names_add_the_index_only_where_labels_would_share_a_file_name() -> None:
+    from timm.data import ImageNetInfo
+
+    labels = [ImageNetInfo().index_to_description(i) for i in range(1000)]
+    names = explain_files_module.class_names(labels)
+    assert (labels[134], labels[517]) == ("crane", "crane")
+    assert (names[134], names[517]) == ("crane.134", "crane.517")
+    assert names[281] == "tabby_tabby_cat"  # "tabby, tabby cat": unique, no index
+    assert len({name.casefold() for name in names}) == 1000
+    assert explain_files_module.class_names(["a b", "a/b", "c"]) == ["a_b.0", "a_b.1", "c"]
+
+
+def test_method_names_stay_apart_in_file_names() -> None:
+    assert len({safe_name(method) for method in METHOD_NAMES}) == len(METHOD_NAMES)
+    assert safe_name("gradcam++") == "gradcam++"  # not gradcam's name
+    is_picture = explain_files_module.is_output_picture
+    assert is_picture(Path("im0.gradcam++.layer4.1.tabby.panel.png"))
+    assert is_picture(Path("im0.png.layercam.layer4.crane.134.overlay.png"))
+    assert not is_picture(Path("beach.overlay.png"))  # the user's, not named as ours
+    assert not is_picture(Path("im0.gradcam.layer4.cat.npy.png"))

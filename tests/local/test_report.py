@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-import pytest
+from markdown_it import MarkdownIt
 
 from service.local.report import Report, Row, render_html, render_markdown
 
@@ -57,9 +57,8 @@ def shown(text: str) -> str:
 
 
 def test_markdown_shows_names_errors_and_the_command_as_written(tmp_path: Path) -> None:
-    markdown_it = pytest.importorskip("markdown_it")
     report = _report(tmp_path)
-    page = markdown_it.MarkdownIt("commonmark").enable("table").render(render_markdown(report))
+    page = MarkdownIt("commonmark").enable("table").render(render_markdown(report))
     assert f"<h1>Grad-CAM evaluation: {shown('m|odel')} (resnet18) on ph`otos | #</h1>" in page
     cells = page.split("<tbody>")[1].split("</tbody>")[0]
     assert cells.count("<td>") == 7  # rank, layer, method, images, drop, two times

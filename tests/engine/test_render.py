@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -310,7 +312,11 @@ def test_encode_rejects_arrays_that_are_not_uint8_rgb(array: np.ndarray) -> None
         encode_image(array)
 
 
-@pytest.mark.parametrize(("height", "width"), [(1, 1), (2, 3), (31, 17), (240, 320)])
+@pytest.mark.parametrize(
+    ("height", "width"),
+    # The last two are past the size compressed in parallel pieces, one not dividing evenly.
+    [(1, 1), (2, 3), (31, 17), (240, 320), (513, 701), (756, 1008)],
+)
 @pytest.mark.parametrize("channels", [3, 1])
 def test_png_encoding_round_trips_exactly(height: int, width: int, channels: int) -> None:
     rng = np.random.default_rng(height * width + channels)
@@ -321,6 +327,23 @@ def test_png_encoding_round_trips_exactly(height: int, width: int, channels: int
         assert decoded.format == "PNG"
         assert decoded.mode == ("RGB" if channels == 3 else "L")
         np.testing.assert_array_equal(np.asarray(decoded), pixels)
+    # zlib checks what a PNG reader may not: the stream's end and its Adler-32.
+    rows = zlib.decompress(_png_chunks(data)[b"IDAT"])
+    assert len(rows) == height * (width * channels + 1)
+
+
+def _png_chunks(data: bytes) -> dict[bytes, bytes]:
+    """The payloads of a PNG's chunks by type, each chunk's CRC checked."""
+    chunks: dict[bytes, bytes] = {}
+    at = 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, payload = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length : at + 12 + length])
+        assert crc == zlib.crc32(payload, zlib.crc32(kind))
+        chunks[kind] = chunks.get(kind, b"") + payload
+        at += 12 + length
+    return chunks
 
 
 def test_png_encoding_compresses_smooth_pictures() -> None:

@@ -49,6 +49,7 @@ from service.local.files import (
     LocalImage,
     batches,
     image_files,
+    is_explain_picture,
     progress,
     read_image,
     safe_name,
@@ -272,7 +273,16 @@ def evaluate(
             f"--rank-by {options.rank_by}: this run does not measure it ({choices}; the"
             " pointing game and energy in box need boxes or masks in the labels)."
         )
-    found = image_files([folder], _inside(output, folder))
+    own_output = _inside(output, folder)
+    left_out = {"output": 0, "explain": 0}
+
+    def not_an_image_to_evaluate(path: Path) -> bool:
+        kind = "output" if own_output(path) else "explain" if is_explain_picture(path) else None
+        if kind is not None:
+            left_out[kind] += 1
+        return kind is not None
+
+    found = image_files([folder], not_an_image_to_evaluate)
     files = found.files
     if not files:
         raise CommandError(f"{folder}: no image files found.")
@@ -306,9 +316,16 @@ def evaluate(
         print("\ninterrupted: writing the report from the images done so far", file=sys.stderr)
     report = _report(model, folder, files, options, columns, run, interrupted, command)
     markdown, html = write_reports(output, report)
-    if found.outputs:
+    if left_out["output"]:
         print(
-            f"left out {found.outputs} images of this command's output in {output}", file=sys.stderr
+            f"left out {left_out['output']} images of this command's output in {output}",
+            file=sys.stderr,
+        )
+    if left_out["explain"]:
+        print(
+            f"left out {left_out['explain']} pictures written by gradcam-service explain"
+            " (.overlay.png, .panel.png)",
+            file=sys.stderr,
         )
     print(f"wrote {markdown} and {html}", file=sys.stderr)
     return 130 if interrupted else 0

@@ -17,7 +17,6 @@ and ``.panel.png``) are left out: a second run must not explain the first one's 
 
 from __future__ import annotations
 
-import re
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -29,7 +28,6 @@ import torch
 
 from service.engine.explain import CamMap, ImageRequest, PostProcess, explain
 from service.engine.images import ImageLimits
-from service.engine.methods import METHOD_NAMES
 from service.engine.models import LoadedModel
 from service.engine.preprocess import map_to_original
 from service.engine.render import encode_png, overlay, render_panel
@@ -40,6 +38,7 @@ from service.local.files import (
     batches,
     distinct_names,
     image_files,
+    is_explain_picture,
     progress,
     read_image,
     safe_name,
@@ -59,20 +58,6 @@ class ExplainOptions:
     colormap: str = "jet"
     alpha: float = 0.5
     batch_size: int = 8
-
-
-#: The pictures this command writes: ``<stem>.<method>.<layer>.<class>.overlay.png`` and
-#: ``.panel.png``.
-OUTPUT_PICTURE = re.compile(
-    r"^.+\.(?:"
-    + "|".join(re.escape(safe_name(method)) for method in METHOD_NAMES)
-    + r")\..+\..+\.(?:overlay|panel)\.png$"
-)
-
-
-def is_output_picture(path: Path) -> bool:
-    """Whether ``path`` is named as a picture this command writes."""
-    return OUTPUT_PICTURE.match(path.name) is not None
 
 
 def image_stems(files: Sequence[Path]) -> dict[Path, str]:
@@ -112,7 +97,7 @@ def explain_files(
     pictures of an earlier run); the exit status: 0, or 1 when some files could not be read
     or some maps were not written."""
     request, post = _plan(model, options)
-    found = image_files(paths, is_output_picture)
+    found = image_files(paths, is_explain_picture)
     files = found.files
     if not files:
         raise CommandError("No image files found in: " + ", ".join(map(str, paths)))

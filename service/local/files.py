@@ -16,6 +16,7 @@ from tqdm import tqdm
 from service.config import Settings
 from service.engine.images import DecodedImage, ImageLimits, decode_image
 from service.engine.loading import load_model, resolve_device
+from service.engine.methods import METHOD_NAMES
 from service.engine.models import LoadedModel
 from service.engine.preprocess import Geometry, preprocess
 from service.errors import ServiceError
@@ -169,3 +170,18 @@ def distinct_names(choices: Mapping[K, tuple[str, str]]) -> dict[K, str]:
             return chosen
         for key in clashing:
             chosen[key] = choices[key][1]
+
+
+#: The pictures ``gradcam-service explain`` writes next to each image:
+#: ``<stem>.<method>.<layer>.<class>.overlay.png`` and ``.panel.png``.
+EXPLAIN_PICTURE = re.compile(
+    r"^.+\.(?:"
+    + "|".join(re.escape(safe_name(method)) for method in METHOD_NAMES)
+    + r")\..+\..+\.(?:overlay|panel)\.png$"
+)
+
+
+def is_explain_picture(path: Path) -> bool:
+    """Whether ``path`` is named as a picture ``gradcam-service explain`` writes: neither
+    command reads those back from a folder."""
+    return EXPLAIN_PICTURE.match(path.name) is not None

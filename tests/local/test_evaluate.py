@@ -372,3 +372,20 @@ def test_images_that_failed_are_tried_again_on_the_next_run(
     report = (output / "report.md").read_text()
     assert "3 of 3 images evaluated" in report
     assert "skipped" not in report
+
+
+def test_pictures_written_by_explain_in_the_folder_are_not_evaluated(
+    shapes_models_file: Path,
+    shapes_folder: ShapesFolder,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder, labels = shapes_folder(3, 19)
+    explain = ["explain", str(folder), "--models-file", str(shapes_models_file)]
+    assert main([*explain, "--layer", "layer2"]) == 0
+    assert len(list(folder.glob("*.png"))) == 3 + 3 * 2  # an overlay and a panel each
+    capsys.readouterr()
+    options = ("--layer", "layer2", "--scores", "none")
+    assert _evaluate(shapes_models_file, folder, labels, tmp_path / "report", *options) == 0
+    assert "left out 6 pictures written by gradcam-service explain" in capsys.readouterr().err
+    assert "3 of 3 images evaluated" in (tmp_path / "report" / "report.md").read_text()

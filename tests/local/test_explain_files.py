@@ -18,7 +18,7 @@ from service.engine.methods import METHOD_NAMES
 from service.engine.models import LoadedModel
 from service.engine.preprocess import preprocess
 from service.local import explain_files as explain_files_module
-from service.local.files import safe_name
+from service.local.files import is_explain_picture, safe_name
 
 ShapesFolder = Callable[..., tuple[Path, Path]]
 
@@ -221,7 +221,7 @@ def test_class_names_add_the_index_only_where_labels_would_share_a_file_name() -
 def test_method_names_stay_apart_in_file_names() -> None:
     assert len({safe_name(method) for method in METHOD_NAMES}) == len(METHOD_NAMES)
     assert safe_name("gradcam++") == "gradcam++"  # not gradcam's name
-    is_picture = explain_files_module.is_output_picture
+    is_picture = is_explain_picture
     assert is_picture(Path("im0.gradcam++.layer4.1.tabby.panel.png"))
     assert is_picture(Path("im0.png.layercam.layer4.crane.134.overlay.png"))
     assert not is_picture(Path("beach.overlay.png"))  # the user's, not named as ours

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -44,7 +43,16 @@ from PIL import Image, ImageFilter
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import emit, free_port, jpeg, load, rss_mb, stop, wait_ready  # noqa: E402
+from bench.serve_bench import (  # noqa: E402
+    emit,
+    explain_seconds,
+    free_port,
+    jpeg,
+    load,
+    rss_mb,
+    stop,
+    wait_ready,
+)
 
 MODEL = {"name": "resnet50", "architecture": "resnet50", "weights": "random"}
 
@@ -93,26 +101,12 @@ def server(
 
 def in_process(device: str, batch: int, repeats: int) -> tuple[float, float]:
     """(ms for one image, images/s at ``batch``): engine explain of preprocessed tensors."""
-    from service.engine.explain import ImageRequest, explain
     from service.engine.loading import load_model
     from service.engine.spec import ModelSpec
 
     model = load_model(ModelSpec.model_validate(MODEL), torch.device(device))
-
-    def timed(size: int) -> float:
-        inputs = torch.randn(size, 3, *model.input_size, device=model.device)
-        requests = [ImageRequest()] * size
-        explain(model, inputs, requests)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            explain(model, inputs, requests)
-            if model.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
-        return statistics.median(times)
-
-    return timed(1) * 1000.0, batch / timed(batch)
+    one = explain_seconds(model, 1, repeats)
+    return one * 1000.0, batch / explain_seconds(model, batch, repeats)
 
 
 def p(latencies: list[float], q: float) -> float:

@@ -3,7 +3,7 @@
 For each case (model, layer, batch) it measures, in one run and on the same inputs:
 
 - inference: ``model(x)`` under ``torch.inference_mode()``;
-- ours: ``service.engine.explain.explain(..., method="gradcam")`` (argmax targets, maps
+- ours: ``service.engine.cam.explain.explain(..., method="gradcam")`` (argmax targets, maps
   post-processed to the input size, as the service returns them);
 - reference: pytorch-grad-cam's ``GradCAM`` (argmax targets) used as documented, on a copy of
   the same network whose parameters require gradients (``--reference-model frozen`` runs it on
@@ -36,10 +36,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.engine.explain import ImageRequest, explain  # noqa: E402
+from service.engine.cam.explain import ImageRequest, explain  # noqa: E402
 from service.engine.loading import load_model  # noqa: E402
-from service.engine.models import LoadedModel  # noqa: E402
-from service.engine.spec import ModelSpec  # noqa: E402
+from service.engine.models.loaded import LoadedModel  # noqa: E402
+from service.engine.models.spec import ModelSpec  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def server(
 def in_process(device: str, batch: int, repeats: int) -> tuple[float, float]:
     """(ms for one image, images/s at ``batch``): engine explain of preprocessed tensors."""
     from service.engine.loading import load_model
-    from service.engine.spec import ModelSpec
+    from service.engine.models.spec import ModelSpec
 
     model = load_model(ModelSpec.model_validate(MODEL), torch.device(device))
     one = explain_seconds(model, 1, repeats)

@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serve_bench import emit  # noqa: E402
-from service.engine.explain import CamMap, ImageRequest, explain  # noqa: E402
-from service.engine.imputation import impute_many  # noqa: E402
+from service.engine.cam.explain import CamMap, ImageRequest, explain  # noqa: E402
+from service.engine.faithfulness.imputation import impute_many  # noqa: E402
+from service.engine.faithfulness.scores import SCORE_NAMES, ScoreOptions, road_masks, score_maps  # noqa: E402
 from service.engine.loading import load_model  # noqa: E402
-from service.engine.scores import SCORE_NAMES, ScoreOptions, road_masks, score_maps  # noqa: E402
-from service.engine.spec import ModelSpec  # noqa: E402
+from service.engine.models.spec import ModelSpec  # noqa: E402
 
 
 def _interleaved(

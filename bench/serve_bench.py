@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 if TYPE_CHECKING:
-    from service.engine.models import LoadedModel
+    from service.engine.models.loaded import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,7 +209,7 @@ def run_levels(
 def explain_seconds(model: LoadedModel, size: int, repeats: int) -> float:
     """Median seconds of one engine explain of ``size`` preprocessed images at the model's
     default layer (layer4 for a ResNet), after one warm-up call."""
-    from service.engine.explain import ImageRequest, explain
+    from service.engine.cam.explain import ImageRequest, explain
 
     inputs = torch.randn(size, 3, *model.input_size, device=model.device)
     requests = [ImageRequest()] * size
@@ -227,7 +227,7 @@ def explain_seconds(model: LoadedModel, size: int, repeats: int) -> float:
 def engine_ceiling(device: str, batch: int, repeats: int) -> float:
     """Images/s of batched gradcam explain at layer4, engine only."""
     from service.engine.loading import load_model
-    from service.engine.spec import ModelSpec
+    from service.engine.models.spec import ModelSpec
 
     model = load_model(
         ModelSpec(name="resnet50", architecture="resnet50", weights="random"), torch.device(device)

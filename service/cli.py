@@ -4,7 +4,7 @@ document without loading any model; ``gradcam-service explain`` and ``gradcam-se
 work on local image files in process (:mod:`service.local`). ``python -m service`` is the same
 command.
 
-Configuration comes from ``GRADCAM_*`` environment variables (see :mod:`service.config`); the
+Configuration comes from ``GRADCAM_*`` environment variables (see :mod:`service.settings`); the
 local commands use the models the server would serve.
 """
 
@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from service.config import ConfigError, Settings, validation_summary
 from service.logs import configure_logging
+from service.settings import ConfigError, Settings, validation_summary
 
 logger = logging.getLogger("service")
 
@@ -216,7 +216,7 @@ def explain_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from service.engine.scores import DEFAULT_ROAD_PERCENTILES, ScoreOptions
+    from service.engine.faithfulness.scores import DEFAULT_ROAD_PERCENTILES, ScoreOptions
     from service.errors import ServiceError
     from service.local.evaluate import EvaluateOptions, evaluate, load_annotations
     from service.local.files import CommandError, load_configured_model
@@ -309,9 +309,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_local_commands(commands: Any) -> None:
-    from service.engine.methods import METHOD_NAMES
-    from service.engine.render import COLORMAPS, DEFAULT_COLORMAP
-    from service.engine.scores import DEFAULT_CURVE_STEP, SCORE_NAMES
+    from service.engine.cam.methods import METHOD_NAMES
+    from service.engine.faithfulness.scores import DEFAULT_CURVE_STEP, SCORE_NAMES
+    from service.engine.pictures.overlays import COLORMAPS, DEFAULT_COLORMAP
     from service.local.evaluate import ENERGY, POINTING
 
     explain = commands.add_parser(

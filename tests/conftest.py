@@ -31,8 +31,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from service.engine.loading import load_model
-from service.engine.models import LoadedModel
-from service.engine.spec import ModelSpec, PreprocessOverrides
+from service.engine.models.loaded import LoadedModel
+from service.engine.models.spec import ModelSpec, PreprocessOverrides
 
 SEED = 20240607
 TORCH_THREADS = 2

@@ -49,7 +49,7 @@ def test_engine_modules_import_no_runtime_api_or_web_framework(module: str) -> N
     forbidden = (
         "service.runtime",
         "service.api",
-        "service.config",
+        "service.settings",
         "service.local",
         "fastapi",
         "starlette",
@@ -57,10 +57,35 @@ def test_engine_modules_import_no_runtime_api_or_web_framework(module: str) -> N
     assert not sorted(m for m in imported if m.startswith(forbidden))
 
 
+#: The engine's rooms and the rooms each may use: what a model is at the bottom, the CAM
+#: methods on it, the faithfulness scores on the maps; pictures draw decoded images; loading
+#: puts a model together (and warms it up with one explanation).
+ENGINE_ROOMS: dict[str, set[str]] = {
+    "models": set(),
+    "imaging": set(),
+    "cam": {"models"},
+    "faithfulness": {"models", "cam"},
+    "pictures": {"imaging"},
+    "loading": {"models", "cam"},
+}
+
+
+def _engine_room(module: str) -> str:
+    return module.split(".")[2]
+
+
+@pytest.mark.parametrize("module", [m for m in _layer("service.engine") if m != "service.engine"])
+def test_engine_rooms_use_only_the_rooms_below_them(module: str) -> None:
+    room = _engine_room(module)
+    assert room in ENGINE_ROOMS, f"{module}: a room of the engine not in ENGINE_ROOMS"
+    used = {_engine_room(m) for m in _imports(MODULES[module]) if m.startswith("service.engine.")}
+    assert sorted(used - ENGINE_ROOMS[room] - {room}) == []
+
+
 @pytest.mark.parametrize("module", _layer("service.runtime"))
 def test_runtime_modules_import_no_api_or_web_framework(module: str) -> None:
     imported = _imports(MODULES[module])
-    forbidden = ("service.api", "service.config", "service.local", "fastapi", "starlette")
+    forbidden = ("service.api", "service.settings", "service.local", "fastapi", "starlette")
     assert not sorted(m for m in imported if m.startswith(forbidden))
 
 
@@ -110,5 +135,6 @@ def test_no_import_cycle_between_service_modules() -> None:
 
 def test_the_graph_is_read_from_real_imports() -> None:
     """Guards the checks above against reading nothing."""
-    assert "service.engine.models" in GRAPH["service.engine.explain"]
+    assert "service.engine.models.loaded" in GRAPH["service.engine.cam.explain"]
+    assert "service.engine.cam.explain" in GRAPH["service.engine.faithfulness.scores"]
     assert "service.runtime.batching" in GRAPH["service.runtime.workers"]

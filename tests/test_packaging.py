@@ -295,7 +295,7 @@ def test_models_example_entries_are_complete() -> None:
 
 
 def test_models_example_entries_are_valid_model_specs() -> None:
-    spec = pytest.importorskip("service.engine.spec")
+    spec = pytest.importorskip("service.engine.models.spec")
     for entry in _example_models():
         spec.ModelSpec.model_validate(entry)
 
@@ -410,7 +410,7 @@ def test_ci_run_fails_when_pytest_fails_or_collects_nothing(
 
 def test_the_readmes_models_files_are_valid_model_specs() -> None:
     """Every YAML models file the README shows loads as it says (the clinical one included)."""
-    spec = pytest.importorskip("service.engine.spec")
+    spec = pytest.importorskip("service.engine.models.spec")
     blocks = re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.DOTALL)
     entries = [
         entry for block in blocks for entry in (yaml.safe_load(block) or {}).get("models", [])

@@ -1,4 +1,4 @@
-"""Regenerate ``service/engine/_colormaps.py``, the colour lookup tables the renderer uses.
+"""Regenerate ``service/engine/pictures/_colormaps.py``, the colour lookup tables the renderer uses.
 
 The service must not depend on matplotlib at run time, so its colormaps are sampled once here
 (256 entries each, rounded to 8 bit) and committed as data. Run this after changing the list of

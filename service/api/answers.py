@@ -1,7 +1,8 @@
 """Turning engine and runtime results into response bodies, and the warnings they carry.
 
-The response models (:mod:`service.api.responses`) are plain data; every rule about what goes
-into them (which predictions are listed, how maps are encoded, when a warning is due) is here.
+The response models (:mod:`service.api.schemas.responses`) are plain data; every rule about
+what goes into them (which predictions are listed, how maps are encoded, when a warning is
+due) is here.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from service.api.problems import service_problem
-from service.api.requests import ExplainParams
-from service.api.responses import (
+from service.api.schemas.requests import ExplainParams
+from service.api.schemas.responses import (
     DicomSchema,
     Encoding,
     ExplainResponse,
@@ -39,15 +40,15 @@ from service.api.responses import (
     ValueRange,
     WeightsSchema,
 )
-from service.engine.explain import CamMap
-from service.engine.images import DecodedImage
-from service.engine.layers import LayerInfo
-from service.engine.models import LoadedModel
-from service.engine.preprocess import Geometry
-from service.engine.spec import ModelSpec
+from service.engine.cam.explain import CamMap
+from service.engine.imaging.images import DecodedImage
+from service.engine.models.layers import LayerInfo
+from service.engine.models.loaded import LoadedModel
+from service.engine.models.preprocess import Geometry
+from service.engine.models.spec import ModelSpec
 from service.errors import ServiceNotReadyError
 from service.runtime.jobs import ExplainOutcome, PredictOutcome, RenderedMap, Timings
-from service.runtime.loading import ModelStatus
+from service.runtime.replicas import ModelStatus
 
 #: Predictions listed with each explained image (at least; more when ``top_k`` asks for more).
 EXPLAIN_PREDICTIONS = 5

@@ -30,9 +30,9 @@ from service.api.middleware import (
 )
 from service.api.problems import install_problem_handlers
 from service.api.routes import health, models, page
-from service.config import Settings, get_settings
 from service.metrics import Metrics
 from service.runtime.runtime import Runtime
+from service.settings import Settings, get_settings
 
 logger = logging.getLogger("service")
 

@@ -27,8 +27,8 @@ from typing import Final
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.problems import problem_response, service_problem
-from service.config import ConfigError, Settings, read_config_file
 from service.errors import UnauthorizedError
+from service.settings import ConfigError, Settings, read_config_file
 
 logger = logging.getLogger("service.api")
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from service.api.requests import ExplainParams
-from service.engine.images import DecodedImage
-from service.engine.models import LoadedModel
-from service.engine.render import panel_size_bound
+from service.api.schemas.requests import ExplainParams
+from service.engine.imaging.images import DecodedImage
+from service.engine.models.loaded import LoadedModel
+from service.engine.pictures.overlays import panel_size_bound
 from service.errors import ResponseTooLargeError
-from service.runtime.rendering import OVERLAY_MAX_SIDE, fit_within
+from service.runtime.outputs import OVERLAY_MAX_SIDE, fit_within
 
 #: Bytes per map value: a float32 as JSON text ("0.12345678901234567, ") or as base64.
 _LIST_VALUE_BYTES: Final = 20

@@ -13,17 +13,17 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 
-from service.api.requests import (
+from service.api.schemas.requests import (
     ExplainJsonRequest,
     ExplainParams,
     PredictJsonRequest,
     PredictParams,
 )
 from service.api.uploads import Upload, read_upload
-from service.config import Settings
-from service.engine.models import LoadedModel
+from service.engine.models.loaded import LoadedModel
 from service.errors import ModelNotReadyError
 from service.runtime.runtime import Runtime
+from service.settings import Settings
 
 
 async def get_runtime(request: Request) -> Runtime:

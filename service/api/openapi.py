@@ -19,11 +19,11 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from service.api.auth import KeyRing, is_protected
-from service.api.examples import add_schema_extras
 from service.api.problems import use_problem_media_type
-from service.api.requests import REQUEST_SCHEMAS
-from service.config import Settings
-from service.engine.models import LoadedModel
+from service.api.schemas.examples import add_schema_extras
+from service.api.schemas.requests import REQUEST_SCHEMAS
+from service.engine.models.loaded import LoadedModel
+from service.settings import Settings
 
 #: Component schemas whose ``image``/``images`` list is bounded by the request image limit.
 _IMAGE_LISTS = {

@@ -18,9 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from service.api.requests import FORM_CONTEXT, JsonRequest
-from service.config import Settings
+from service.api.schemas.requests import FORM_CONTEXT, JsonRequest
 from service.errors import InvalidImageError, InvalidParameterError, UnsupportedContentTypeError
+from service.settings import Settings
 
 P = TypeVar("P", bound=BaseModel)
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from service.engine.explain import ImageRequest, explain
-from service.engine.layers import default_layer_name, discover_layers
-from service.engine.models import LoadedModel, WeightsInfo, WeightsSource
-from service.engine.preprocess import SUPPORTED_CHANNELS, PreprocessConfig
-from service.engine.spec import ModelSpec
+from service.engine.cam.explain import ImageRequest, explain
+from service.engine.models.layers import default_layer_name, discover_layers
+from service.engine.models.loaded import LoadedModel, WeightsInfo, WeightsSource
+from service.engine.models.preprocess import SUPPORTED_CHANNELS, PreprocessConfig
+from service.engine.models.spec import ModelSpec
 from service.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)

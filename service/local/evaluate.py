@@ -7,7 +7,7 @@ class (else the predicted one), and each map is measured:
   al. 2016: whether the map's peak on the image falls on the object, within
   ``pointing_tolerance`` pixels) and the **energy in box** (Score-CAM's energy-based pointing
   game: the share of the map's sum on the image that lies on the object);
-- the faithfulness scores asked for (:mod:`service.engine.scores`);
+- the faithfulness scores asked for (:mod:`service.engine.faithfulness.scores`);
 - the time per image of the explanation and of the scores.
 
 The (layer, method) pairs are ranked by their mean over the images, and the report is written
@@ -36,13 +36,12 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.config import validation_summary
-from service.engine.explain import ImageRequest, explain
-from service.engine.images import ImageLimits
-from service.engine.models import LoadedModel
-from service.engine.preprocess import map_to_original
-from service.engine.render import encode_png, overlay
-from service.engine.scores import LOWER_IS_BETTER, ScoreOptions, score_maps
+from service.engine.cam.explain import ImageRequest, explain
+from service.engine.faithfulness.scores import LOWER_IS_BETTER, ScoreOptions, score_maps
+from service.engine.imaging.images import ImageLimits
+from service.engine.models.loaded import LoadedModel
+from service.engine.models.preprocess import map_to_original
+from service.engine.pictures.overlays import encode_png, overlay
 from service.errors import ServiceError
 from service.local.files import (
     CommandError,
@@ -55,6 +54,7 @@ from service.local.files import (
     safe_name,
 )
 from service.local.report import Report, Row, write_reports
+from service.settings import validation_summary
 
 RESULTS_FILE = "results.jsonl"
 THUMBNAILS_DIR = "thumbnails"

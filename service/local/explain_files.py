@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.engine.explain import CamMap, ImageRequest, PostProcess, explain
-from service.engine.images import ImageLimits
-from service.engine.models import LoadedModel
-from service.engine.preprocess import map_to_original
-from service.engine.render import encode_png, overlay, render_panel
+from service.engine.cam.explain import CamMap, ImageRequest, PostProcess, explain
+from service.engine.imaging.images import ImageLimits
+from service.engine.models.loaded import LoadedModel
+from service.engine.models.preprocess import map_to_original
+from service.engine.pictures.overlays import encode_png, overlay, render_panel
 from service.errors import ServiceError
 from service.local.files import (
     CommandError,

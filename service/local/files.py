@@ -13,14 +13,14 @@ from typing import NoReturn, TypeVar
 import torch
 from tqdm import tqdm
 
-from service.config import Settings
-from service.engine.images import DecodedImage, ImageLimits, decode_image
+from service.engine.cam.methods import METHOD_NAMES
+from service.engine.imaging.images import DecodedImage, ImageLimits, decode_image
 from service.engine.loading import load_model, resolve_device
-from service.engine.methods import METHOD_NAMES
-from service.engine.models import LoadedModel
-from service.engine.preprocess import Geometry, preprocess
+from service.engine.models.loaded import LoadedModel
+from service.engine.models.preprocess import Geometry, preprocess
 from service.errors import ServiceError
-from service.runtime.loading import AUTOCAST_DTYPES
+from service.runtime.replicas import AUTOCAST_DTYPES
+from service.settings import Settings
 
 #: File name endings taken as images when a folder is given (DICOM files are read by content).
 IMAGE_SUFFIXES = frozenset(

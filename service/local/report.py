@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.engine.scores import SCORE_DESCRIPTIONS
+from service.engine.faithfulness.scores import SCORE_DESCRIPTIONS
 
 MARKDOWN_FILE = "report.md"
 HTML_FILE = "report.html"

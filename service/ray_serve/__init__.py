@@ -1,7 +1,7 @@
 """The service on Ray Serve: the same FastAPI app and runtime, N replicas.
 
 - :mod:`~service.ray_serve.options`: what Serve is told (replicas, autoscaling, resources,
-  request limits), derived from :class:`~service.config.Settings`; imports no Ray;
+  request limits), derived from :class:`~service.settings.Settings`; imports no Ray;
 - :mod:`~service.ray_serve.deployment`: the deployment, one replica = one runtime with its
   models behind the service's own app (``@serve.ingress``), and the application builder that
   Serve config files name;

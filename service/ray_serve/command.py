@@ -16,8 +16,8 @@ import time
 from types import FrameType
 from typing import Any
 
-from service.config import Settings
 from service.ray_serve.options import APP_NAME, DEPLOYMENT_NAME, describe
+from service.settings import Settings
 
 logger = logging.getLogger("service.ray_serve")
 

@@ -21,12 +21,12 @@ from ray import serve
 from ray.serve import Application
 
 from service.api.app import create_app
-from service.config import Settings
 from service.errors import ModelLoadError
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.ray_serve.options import DEPLOYMENT_NAME, deployment_options
 from service.runtime.runtime import Runtime
+from service.settings import Settings
 
 logger = logging.getLogger("service.ray_serve")
 

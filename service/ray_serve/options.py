@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.config import Settings
+from service.settings import Settings
 
 #: The application's name in Serve, and its one deployment's.
 APP_NAME = "gradcam"

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from service.engine.images import ImageLimits
+from service.engine.imaging.images import ImageLimits
 
 AutocastMode = Literal["none", "bf16", "fp16"]
 

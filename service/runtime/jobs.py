@@ -7,10 +7,10 @@ from typing import Literal
 
 import numpy as np
 
-from service.engine.explain import CamMap, PostProcess
-from service.engine.images import DecodedImage
-from service.engine.preprocess import Geometry
-from service.engine.scores import ScoreOptions
+from service.engine.cam.explain import CamMap, PostProcess
+from service.engine.faithfulness.scores import ScoreOptions
+from service.engine.imaging.images import DecodedImage
+from service.engine.models.preprocess import Geometry
 
 UpsampledSize = Literal["none", "input", "original"]
 OverlayKind = Literal["none", "png", "jpeg", "webp", "panel", "dicom"]

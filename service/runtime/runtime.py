@@ -4,10 +4,10 @@ Layout of the work:
 
 - the event loop only routes: it never runs a model or touches pixels;
 - a CPU thread pool decodes uploads, preprocesses them and renders overlays
-  (:mod:`~service.runtime.rendering`), so the accelerator does not wait on Python glue;
+  (:mod:`~service.runtime.outputs`), so the accelerator does not wait on Python glue;
 - each model has one bounded :class:`~service.runtime.batching.Batcher` of single-image work
   items, drained by one worker per replica (:mod:`~service.runtime.workers`); replicas are
-  placed and loaded by :mod:`~service.runtime.loading`.
+  placed and loaded by :mod:`~service.runtime.replicas`.
 
 Past the queue bound callers get :class:`OverloadedError` (429 with Retry-After) instead of
 unbounded latency; past the per-request deadline :class:`DeadlineExceededError` (504), and their
@@ -27,13 +27,13 @@ from typing import TypeVar
 
 import torch
 
-from service.engine.dicom_display import DisplayOptions
-from service.engine.explain import ImageRequest, check_explain_cost
-from service.engine.images import DecodedImage, ScaleNeeded, decode_image
-from service.engine.models import LoadedModel
-from service.engine.preprocess import Geometry, PreprocessConfig, preprocess
-from service.engine.scores import check_score_cost
-from service.engine.spec import ModelSpec, check_unique_names
+from service.engine.cam.explain import ImageRequest, check_explain_cost
+from service.engine.faithfulness.scores import check_score_cost
+from service.engine.imaging.dicom_display import DisplayOptions
+from service.engine.imaging.images import DecodedImage, ScaleNeeded, decode_image
+from service.engine.models.loaded import LoadedModel
+from service.engine.models.preprocess import Geometry, PreprocessConfig, preprocess
+from service.engine.models.spec import ModelSpec, check_unique_names
 from service.errors import (
     DeadlineExceededError,
     InvalidParameterError,
@@ -46,13 +46,13 @@ from service.metrics import Metrics
 from service.runtime.batching import Batched, QueueFullError
 from service.runtime.config import RuntimeConfig
 from service.runtime.jobs import ExplainJob, ExplainOutcome, PredictJob, PredictOutcome, Timings
-from service.runtime.loading import ModelStatus, devices, load_replicas
-from service.runtime.rendering import (
+from service.runtime.outputs import (
     OVERLAY_DECODE_FRACTION,
     OVERLAY_MAX_SIDE,
     fit_within,
     render_maps,
 )
+from service.runtime.replicas import ModelStatus, devices, load_replicas
 from service.runtime.workers import Computed, ServedModel, WorkItem
 
 logger = logging.getLogger(__name__)

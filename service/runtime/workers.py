@@ -19,14 +19,14 @@ from typing import Literal
 import numpy as np
 import torch
 
-from service.engine.explain import CamMap, ImageRequest, PostProcess, explain, predict
-from service.engine.models import LoadedModel
-from service.engine.scores import ScoreOptions, score_maps
+from service.engine.cam.explain import CamMap, ImageRequest, PostProcess, explain, predict
+from service.engine.faithfulness.scores import ScoreOptions, score_maps
+from service.engine.models.loaded import LoadedModel
 from service.errors import ServiceError, WorkerError
 from service.metrics import Metrics
 from service.runtime.batching import Batcher
 from service.runtime.config import RuntimeConfig
-from service.runtime.loading import Replica
+from service.runtime.replicas import Replica
 
 logger = logging.getLogger(__name__)
 

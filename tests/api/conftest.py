@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api.app import create_app
-from service.config import Settings
-from service.engine.spec import ModelSpec
+from service.engine.models.spec import ModelSpec
+from service.settings import Settings
 
 LABELS = ["cat", "dog", "bird", "fish"]
 TINY = ModelSpec(

@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.config import ConfigError, Settings
-from service.engine.spec import ModelSpec
+from service.engine.models.spec import ModelSpec
+from service.settings import ConfigError, Settings
 
 SettingsFactory = Callable[..., Settings]
 ReadyWaiter = Callable[[TestClient], None]

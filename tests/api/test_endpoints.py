@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api.app import create_app
-from service.config import Settings
-from service.engine.methods import METHOD_NAMES
-from service.engine.spec import ModelSpec
+from service.engine.cam.methods import METHOD_NAMES
+from service.engine.models.spec import ModelSpec
+from service.settings import Settings
 
 ImageFactory = Callable[..., bytes]
 

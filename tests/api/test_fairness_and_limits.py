@@ -16,9 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.config import Settings
-from service.engine.spec import ModelSpec
+from service.engine.models.spec import ModelSpec
 from service.runtime import workers
+from service.settings import Settings
 
 SettingsFactory = Callable[..., Settings]
 ReadyWaiter = Callable[[TestClient], None]

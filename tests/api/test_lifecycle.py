@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 
 from service.api import disconnects
 from service.api.app import create_app
-from service.config import Settings
-from service.engine.spec import ModelSpec
+from service.engine.models.spec import ModelSpec
 from service.errors import ModelLoadError
-from service.runtime import loading as loading_module
+from service.runtime import replicas as replicas_module
+from service.settings import Settings
 
 ImageFactory = Callable[..., bytes]
 
@@ -34,13 +34,13 @@ def test_not_ready_while_loading_then_ready(
     png: bytes,
 ) -> None:
     release = threading.Event()
-    real_load = loading_module.load_model
+    real_load = replicas_module.load_model
 
     def slow_load(*args: Any, **kwargs: Any) -> Any:
         release.wait(timeout=60)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(loading_module, "load_model", slow_load)
+    monkeypatch.setattr(replicas_module, "load_model", slow_load)
     app = create_app(settings_factory(models=[tiny_spec]))
     with TestClient(app) as client:
         try:
@@ -93,7 +93,7 @@ def test_failed_model_is_reported_by_readyz(
     def broken(*_: Any, **__: Any) -> Any:
         raise error
 
-    monkeypatch.setattr(loading_module, "load_model", broken)
+    monkeypatch.setattr(replicas_module, "load_model", broken)
     with TestClient(create_app(settings_factory(models=[tiny_spec]))) as client:
         for _ in range(200):
             body = client.get("/readyz").json()

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api.app import create_app
-from service.engine.models import LoadedModel
+from service.engine.models.loaded import LoadedModel
 
 
 def _png(image: torch.Tensor) -> bytes:

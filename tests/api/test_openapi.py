@@ -121,8 +121,8 @@ def test_every_error_response_is_a_problem_with_an_example(document: dict[str, A
 
 
 def test_enums_are_documented(document: dict[str, Any]) -> None:
-    from service.engine.methods import METHOD_NAMES
-    from service.engine.render import COLORMAPS
+    from service.engine.cam.methods import METHOD_NAMES
+    from service.engine.pictures.overlays import COLORMAPS
 
     properties = document["components"]["schemas"]["ExplainForm"]["properties"]
     assert properties["method"]["enum"] == list(METHOD_NAMES)

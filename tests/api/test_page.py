@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api.requests import ExplainParams
 from service.api.routes.page import CONTENT_SECURITY_POLICY
-from service.engine._colormaps import LUTS
-from service.engine.methods import METHOD_NAMES
-from service.engine.render import COLORMAPS, DEFAULT_COLORMAP
+from service.api.schemas.requests import ExplainParams
+from service.engine.cam.methods import METHOD_NAMES
+from service.engine.pictures._colormaps import LUTS
+from service.engine.pictures.overlays import COLORMAPS, DEFAULT_COLORMAP
 
 STATIC = resources.files("service.api") / "static"
 

@@ -38,8 +38,8 @@ from PIL import Image
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.app import create_app
-from service.engine.models import LoadedModel
-from service.engine.spec import ModelSpec
+from service.engine.models.loaded import LoadedModel
+from service.engine.models.spec import ModelSpec
 
 CHROMIUM = Path(os.environ.get("GRADCAM_TEST_CHROMIUM", "/usr/bin/chromium"))
 REQUIRED = os.environ.get("GRADCAM_TEST_REQUIRE_BROWSER") == "1"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.config import Settings
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

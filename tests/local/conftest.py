@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.engine.spec import ModelSpec
+from service.engine.models.spec import ModelSpec
 
 ShapesFolder = Callable[..., tuple[Path, Path]]
 

@@ -1,6 +1,6 @@
 """``gradcam-service evaluate`` end to end, in process, on PNG files of the trained shapes model.
 
-The localisation test (tests/engine/test_localisation.py) knows that Grad-CAM at ``layer2``
+The localisation test (tests/engine/cam/test_localisation.py) knows that Grad-CAM at ``layer2``
 points at the shape (its peak within half a cell, 4 px, of the box for 9 images in 10 or more)
 and that ``layer1`` and ``layer3`` do not; the command must rank ``layer2`` first from the files
 and their labels alone.

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from service.cli import main
-from service.engine.explain import ImageRequest, PostProcess, explain
-from service.engine.images import decode_image
-from service.engine.methods import METHOD_NAMES
-from service.engine.models import LoadedModel
-from service.engine.preprocess import preprocess
+from service.engine.cam.explain import ImageRequest, PostProcess, explain
+from service.engine.cam.methods import METHOD_NAMES
+from service.engine.imaging.images import decode_image
+from service.engine.models.loaded import LoadedModel
+from service.engine.models.preprocess import preprocess
 from service.local import explain_files as explain_files_module
 from service.local.files import is_explain_picture, safe_name
 

@@ -32,7 +32,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.api.app import create_app
-from service.config import Settings
+from service.settings import Settings
 
 SCRIPT = Path(sys.executable).parent / "gradcam-service"
 LABELS = ["cat", "dog", "bird", "fish"]

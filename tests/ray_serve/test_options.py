@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings
 from service.ray_serve.options import deployment_options
+from service.settings import Settings
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.engine.models import LoadedModel
+from service.engine.models.loaded import LoadedModel
 from service.metrics import Metrics
 from service.runtime.config import RuntimeConfig
 from service.runtime.jobs import ExplainJob, ExplainOutcome, OutputOptions

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from service.engine.explain import ImageRequest, PostProcess, explain
-from service.engine.images import DecodedImage, decode_image
-from service.engine.models import LoadedModel
-from service.engine.preprocess import preprocess
-from service.engine.scores import ScoreOptions
-from service.engine.spec import ModelSpec
+from service.engine.cam.explain import ImageRequest, PostProcess, explain
+from service.engine.faithfulness.scores import ScoreOptions
+from service.engine.imaging.images import DecodedImage, decode_image
+from service.engine.models.loaded import LoadedModel
+from service.engine.models.preprocess import preprocess
+from service.engine.models.spec import ModelSpec
 from service.errors import (
     DeadlineExceededError,
     InvalidParameterError,

@@ -7,9 +7,9 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.answers import model_statuses, not_ready_problem
-from service.api.examples import problem_responses
 from service.api.problems import problem_response
-from service.api.responses import Liveness, NotReadyProblem, Readiness
+from service.api.schemas.examples import problem_responses
+from service.api.schemas.responses import Liveness, NotReadyProblem, Readiness
 from service.metrics import Metrics
 from service.runtime.runtime import Runtime
 

@@ -27,8 +27,8 @@ from service.api.deps import (
     SettingsDep,
 )
 from service.api.disconnects import until_disconnected
-from service.api.examples import problem_responses
-from service.api.requests import (
+from service.api.schemas.examples import problem_responses
+from service.api.schemas.requests import (
     IMAGE_MEDIA_TYPES,
     DisplayParams,
     ExplainForm,
@@ -37,12 +37,18 @@ from service.api.requests import (
     PredictForm,
     PredictJsonRequest,
 )
-from service.api.responses import ExplainResponse, LayerList, ModelInfo, ModelList, PredictResponse
-from service.engine.explain import MAX_PROBABILITY_TARGETS, PostProcess
-from service.engine.images import DecodedImage
-from service.engine.models import LoadedModel
-from service.engine.scores import ScoreOptions
-from service.engine.spec import ModelSpec
+from service.api.schemas.responses import (
+    ExplainResponse,
+    LayerList,
+    ModelInfo,
+    ModelList,
+    PredictResponse,
+)
+from service.engine.cam.explain import MAX_PROBABILITY_TARGETS, PostProcess
+from service.engine.faithfulness.scores import ScoreOptions
+from service.engine.imaging.images import DecodedImage
+from service.engine.models.loaded import LoadedModel
+from service.engine.models.spec import ModelSpec
 from service.errors import (
     InvalidParameterError,
     ModelNotReadyError,

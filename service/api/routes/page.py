@@ -19,10 +19,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.requests import ExplainParams
-from service.engine._colormaps import LUTS
-from service.engine.methods import METHOD_NAMES, METHODS
-from service.engine.render import COLORMAPS, DEFAULT_COLORMAP
+from service.api.schemas.requests import ExplainParams
+from service.engine.cam.methods import METHOD_NAMES, METHODS
+from service.engine.pictures._colormaps import LUTS
+from service.engine.pictures.overlays import COLORMAPS, DEFAULT_COLORMAP
 
 #: The page's scripts, styles and icon come from this origin only; it calls no other host and
 #: runs no inline script. Images are drawn on canvases from fetched bytes (no img-src needed

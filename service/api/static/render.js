@@ -1,5 +1,5 @@
 // Redrawing an overlay in the browser from the maps the explain endpoint returns, the way the
-// server draws its own (service/engine/render.py and preprocess.map_to_original), so that
+// server draws its own (service/engine/pictures/overlays.py and preprocess.map_to_original), so that
 // moving a slider needs no new request.
 
 /**

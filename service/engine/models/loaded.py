@@ -1,0 +1,171 @@
+"""A served model resident on its device: its layers, classes and preprocessing, and how
+callers' layer and class names resolve against them. Building one is
+:func:`service.engine.loading.load_model`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from service.engine.models.layers import LayerInfo
+from service.engine.models.preprocess import PreprocessConfig
+from service.engine.models.spec import Activation, ModelSpec
+from service.errors import UnknownLayerError, UnknownTargetError
+
+WeightsSource = Literal["hub", "safetensors", "state_dict", "random"]
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a model's weights came from; ``random`` is reported loudly everywhere."""
+
+    source: WeightsSource
+    location: str | None = None
+    note: str | None = None
+
+    @property
+    def random(self) -> bool:
+        return self.source == "random"
+
+
+@dataclass
+class LoadedModel:
+    """A model resident on its device, ready to predict and explain."""
+
+    spec: ModelSpec
+    module: nn.Module
+    device: torch.device
+    preprocessing: PreprocessConfig
+    labels: list[str]
+    weights: WeightsInfo
+    layers: list[LayerInfo]
+    default_layer: str
+    autocast_dtype: torch.dtype | None = None
+    _by_name: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
+    _by_index: dict[int, LayerInfo] = field(default_factory=dict, repr=False)
+    _label_index: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _folded_index: dict[str, list[int]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {layer.name: layer for layer in self.layers}
+        self._by_index = {
+            layer.layer_index: layer for layer in self.layers if layer.layer_index is not None
+        }
+        # A class is named by its full label or, for ImageNet-style "tabby, tabby cat", by the
+        # part before the first comma; exact matches first, then case-insensitive ones.
+        exact: dict[str, set[int]] = {}
+        folded: dict[str, set[int]] = {}
+        for i, label in enumerate(self.labels):
+            for key in {label, label.split(",")[0].strip()}:
+                exact.setdefault(key, set()).add(i)
+                folded.setdefault(key.casefold(), set()).add(i)
+        self._label_index = {key: sorted(hits) for key, hits in exact.items()}
+        self._folded_index = {key: sorted(hits) for key, hits in folded.items()}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.preprocessing.input_size
+
+    @property
+    def activation(self) -> Activation:
+        return self.spec.activation
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, classes) logits -> float32 probabilities, as the model's ``activation`` says:
+        softmax over the classes, or one sigmoid per class for multi-label models.
+
+        The one place the activation is applied; maps never depend on it (they follow the
+        logit)."""
+        logits = logits.float()
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1)
+
+    def autocast(self) -> AbstractContextManager[object]:
+        """Mixed precision when configured (meant for CUDA; CPU autocast works, slowly)."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def label_names(self) -> list[str]:
+        """Every name :meth:`target` accepts exactly: full labels and their first parts, less
+        those that name several classes (ImageNet's two "crane"s)."""
+        return [name for name, hits in self._label_index.items() if len(hits) == 1]
+
+    def layer_names(self, names: Sequence[str]) -> tuple[str, ...]:
+        """The layers to explain: ``names``, or the model's default layer when there are none.
+
+        The one place the default layer is applied."""
+        return tuple(names) or (self.default_layer,)
+
+    def layer(self, name: str | None = None, index: int | None = None) -> LayerInfo:
+        """Resolve a layer by module path or by the seed script's ``layer_index``."""
+        if name is not None and index is not None:
+            raise UnknownLayerError("Give a layer name or a layer_index, not both.")
+        if index is not None:
+            if index in self._by_index:
+                return self._by_index[index]
+            allowed = sorted(self._by_index)
+            raise UnknownLayerError(
+                f"layer_index {index} does not select a spatial layer of model '{self.name}'. "
+                f"Allowed: {', '.join(map(str, allowed))}.",
+                allowed=[str(i) for i in allowed],
+            )
+        if name is None:
+            return self._by_name[self.default_layer]
+        if name in self._by_name:
+            return self._by_name[name]
+        names = [layer.name for layer in self.layers]
+        shown = ", ".join(names[-40:])
+        raise UnknownLayerError(
+            f"Model '{self.name}' has no usable layer '{name}'. "
+            f"The last {min(40, len(names))} of {len(names)} are: {shown}.",
+            allowed=names,
+        )
+
+    def target(self, value: int | str) -> int:
+        """Resolve a class index (an int, or a string of digits) or a label name to an index,
+        or raise UnknownTargetError."""
+        if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
+            index = int(value)
+            if 0 <= index < self.num_classes:
+                return index
+            raise UnknownTargetError(
+                f"Class index {index} is outside model '{self.name}''s "
+                f"{self.num_classes} classes (0 to {self.num_classes - 1})."
+            )
+        return self.label_target(value)
+
+    def label_target(self, value: str) -> int:
+        """Resolve a label name (exact, else case-insensitive) to its class index, or raise
+        UnknownTargetError; a string of digits is a label here, not an index."""
+        hits = self._label_index.get(value) or self._folded_index.get(value.casefold(), [])
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            # Never guess: ImageNet has two classes called "crane" (the bird and the machine).
+            raise UnknownTargetError(
+                f"The label '{value}' names several classes of model '{self.name}': "
+                + ", ".join(f"{i} ({self.labels[i]})" for i in hits)
+                + ". Use the class index.",
+                code="ambiguous_target",
+                allowed=[str(i) for i in hits],
+            )
+        allowed = self.labels if self.num_classes <= 50 else None
+        hint = f" Allowed: {', '.join(self.labels)}." if allowed else ""
+        raise UnknownTargetError(
+            f"Model '{self.name}' has no class labelled '{value}'.{hint}", allowed=allowed
+        )

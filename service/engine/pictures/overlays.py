@@ -1,0 +1,394 @@
+"""Turning heatmaps into pictures: colouring, overlays, the four-part panel, and encoding.
+
+A heatmap here is a float ``HxW`` array meant to lie in [0, 1]. Colouring uses 256-entry lookup
+tables (``_colormaps.LUTS``, sampled from matplotlib and committed as data, so matplotlib is not
+needed at run time). Two defects of the original script are avoided by construction: the LUT
+index is clipped (``1.0`` maps to the last entry instead of wrapping to the first, which made
+high values black), and overlays are blended in 16-bit fixed point, which cannot overflow
+(adding in uint8 wrapped bright pixels around to dark ones). PNGs are written by
+:func:`encode_png`, made for speed.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFont
+from zlib_ng import zlib_ng
+
+from service.engine.pictures._colormaps import LUTS
+from service.errors import InvalidParameterError
+
+#: Colormaps offered to callers; "jet" (blue low, red high) is the default, as in the original.
+COLORMAPS: tuple[str, ...] = ("jet", "turbo", "viridis", "inferno", "gray")
+DEFAULT_COLORMAP: Final = "jet"
+#: Encodings offered for rendered images.
+OVERLAY_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
+#: Media type of each encoding, for Content-Type headers.
+MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+_PIL_FORMATS: Final = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+_PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
+_WHITE: Final = (255, 255, 255)
+_TEXT: Final = (32, 32, 32)
+_FRAME: Final = (128, 128, 128)
+# Display size of each part of the panel: tall enough to see detail in a 7x7 map upsampled,
+# small enough that a 40-megapixel upload does not produce a 40-megapixel panel.
+_MIN_PANEL_HEIGHT: Final = 256
+_MAX_PANEL_HEIGHT: Final = 512
+_MAX_PANEL_WIDTH: Final = 1024
+_MAX_TITLE_CHARS: Final = 300
+
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+def colorize(heatmap: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> npt.NDArray[np.uint8]:
+    """Colour a float ``HxW`` heatmap with ``colormap``; return ``HxWx3`` uint8 RGB.
+
+    Values are clipped to [0, 1] (NaN counts as 0) and looked up at index
+    ``round(v * 255)``, so 0 and 1 get the first and last colours of the map.
+    """
+    lut = _lut(colormap)
+    values = _as_heatmap(heatmap)
+    scaled = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)  # a copy
+    np.clip(scaled, 0.0, 1.0, out=scaled)
+    scaled *= 255.0
+    np.rint(scaled, out=scaled)
+    # take() gathers whole rows several times faster than fancy indexing does.
+    coloured: npt.NDArray[np.uint8] = lut.take(scaled.astype(np.uint8), axis=0)
+    return coloured
+
+
+def overlay(
+    image: np.ndarray | Image.Image,
+    heatmap: np.ndarray,
+    colormap: str = DEFAULT_COLORMAP,
+    alpha: float = 0.5,
+) -> npt.NDArray[np.uint8]:
+    """Blend the coloured ``heatmap`` over ``image``: ``(1 - alpha) * image + alpha * colour``.
+
+    ``image`` is an RGB (or greyscale) uint8 array or a PIL image; ``heatmap`` must have the
+    image's height and width (``ValueError`` otherwise). The blend is computed in 16-bit fixed
+    point (within 1 of a float blend, several times faster) and never wraps around. Returns
+    ``HxWx3`` uint8.
+    """
+    _lut(colormap)
+    weight = _check_alpha(alpha)
+    pixels = _as_rgb_array(image)
+    values = _as_heatmap(heatmap)
+    if values.shape != pixels.shape[:2]:
+        msg = (
+            f"heatmap shape {values.shape} does not match the image's height and width "
+            f"{pixels.shape[:2]}; resize the heatmap to the image first"
+        )
+        raise ValueError(msg)
+    colour = colorize(values, colormap)
+    # In 8.8 fixed point: (image * (256 - w) + colour * w + 128) >> 8 with w = alpha * 256,
+    # within 1 of the float blend; uint16 cannot overflow (255 * 256 + 128 < 65536).
+    w = np.uint16(round(weight * 256))
+    blended = pixels.astype(np.uint16) * (np.uint16(256) - w)
+    blended += colour.astype(np.uint16) * w
+    blended += np.uint16(128)
+    blended >>= np.uint16(8)
+    return blended.astype(np.uint8)
+
+
+def render_panel(
+    image: np.ndarray | Image.Image,
+    heatmap: np.ndarray,
+    colormap: str = DEFAULT_COLORMAP,
+    alpha: float = 0.5,
+    title: str | None = None,
+) -> npt.NDArray[np.uint8]:
+    """Render original | overlay | heatmap | colour scale side by side as one RGB image.
+
+    Every part is shown at a display size (height 256..512 px where the aspect ratio allows,
+    width at most 1024 px) whatever the upload's size, on a white background with small gaps;
+    the colour scale is labelled 0.0 (low), 0.5 and 1.0 (high), and ``title``, if given, is
+    written across the top. ``heatmap`` must have the image's height and width. Returns
+    ``HxWx3`` uint8.
+    """
+    _lut(colormap)
+    _check_alpha(alpha)
+    pixels = _as_rgb_array(image)
+    values = _as_heatmap(heatmap)
+    height, width = pixels.shape[:2]
+    if values.shape != (height, width):
+        msg = (
+            f"heatmap shape {values.shape} does not match the image's height and width "
+            f"{(height, width)}; resize the heatmap to the image first"
+        )
+        raise ValueError(msg)
+
+    panel_w, panel_h = _display_size(width, height)
+    shown = _resize_rgb(pixels, panel_w, panel_h)
+    heat = _resize_heatmap(values, panel_w, panel_h)
+    parts = [shown, overlay(shown, heat, colormap, alpha), colorize(heat, colormap)]
+
+    font_size = max(11, round(panel_h / 22))
+    font = _font(font_size)
+    gap = max(6, round(panel_h / 40))
+    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = ("1.0 (high)", "0.5", "0.0 (low)")
+    label_w = max(_text_size(draw_probe, text, font)[0] for text in labels)
+    text_h = _text_size(draw_probe, "0.5 (high)", font)[1]
+    margin = max(2 * gap, text_h)
+    bar_w = max(12, round(panel_h / 16))
+    tick = max(3, bar_w // 3)
+
+    canvas_w = margin + 3 * (panel_w + gap) + bar_w + tick + gap // 2 + label_w + margin
+    title_font = _font(round(font_size * 1.3))
+    title_text = _fit_title(draw_probe, title, title_font, canvas_w - 2 * margin)
+    title_h = _text_size(draw_probe, title_text, title_font)[1] + gap if title_text else 0
+    top = margin + title_h
+    canvas_h = top + panel_h + margin
+
+    canvas = Image.new("RGB", (canvas_w, canvas_h), _WHITE)
+    draw = ImageDraw.Draw(canvas)
+    if title_text:
+        draw.text((margin, margin), title_text, fill=_TEXT, font=title_font, anchor="lt")
+    x = margin
+    for part in parts:
+        canvas.paste(Image.fromarray(part), (x, top))
+        x += panel_w + gap
+
+    scale_values = np.linspace(1.0, 0.0, panel_h, dtype=np.float32)[:, None]
+    bar = colorize(np.repeat(scale_values, bar_w, axis=1), colormap)
+    canvas.paste(Image.fromarray(bar), (x, top))
+    draw.rectangle((x - 1, top - 1, x + bar_w, top + panel_h), outline=_FRAME)
+    for text, frac in zip(labels, (0.0, 0.5, 1.0), strict=True):
+        y = top + round(frac * (panel_h - 1))
+        draw.line((x + bar_w, y, x + bar_w + tick, y), fill=_TEXT)
+        label_x = x + bar_w + tick + gap // 2
+        draw.text((label_x, y), text, fill=_TEXT, font=font, anchor="lm")
+    return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def panel_size_bound(width: int, height: int) -> tuple[int, int]:
+    """An upper bound of :func:`render_panel`'s (width, height) for an image of this size:
+    three parts at display size, the colour scale, its labels, the title and the margins."""
+    part_w, part_h = _display_size(width, height)
+    return 3 * part_w + 320, part_h + 128
+
+
+def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 90) -> bytes:
+    """Encode an ``HxWx3`` (or ``HxW`` greyscale) uint8 array as PNG, JPEG or WebP bytes.
+
+    ``quality`` (1..100) applies to the lossy formats; PNG is always lossless.
+    """
+    key = str(fmt).lower()
+    if key not in _PIL_FORMATS:
+        raise InvalidParameterError(
+            f"Unknown image format {fmt!r}; use one of: {', '.join(OVERLAY_FORMATS)}.",
+            allowed=list(OVERLAY_FORMATS),
+        )
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise InvalidParameterError(
+            f"Invalid quality {quality!r}; use a whole number from 1 to 100."
+        )
+    if (
+        not isinstance(array, np.ndarray)
+        or array.dtype != np.uint8
+        or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3))
+        or array.size == 0
+    ):
+        msg = "encode_image needs a non-empty HxWx3 or HxW uint8 array"
+        raise ValueError(msg)
+    if key == "png":
+        return encode_png(array)
+    picture = Image.fromarray(np.ascontiguousarray(array))
+    buffer = io.BytesIO()
+    if key == "jpeg":
+        # 4:4:4 keeps saturated colour edges (red on blue, coloured text) from bleeding.
+        picture.save(buffer, "JPEG", quality=quality, subsampling="4:4:4")
+    else:
+        picture.save(buffer, "WEBP", quality=quality, method=4)
+    return buffer.getvalue()
+
+
+def encode_png(array: npt.NDArray[np.uint8]) -> bytes:
+    """A lossless PNG of an ``HxWx3`` (RGB) or ``HxW`` (grey) uint8 array, made for speed.
+
+    Every row uses PNG's Up filter (the difference with the row above, a NumPy subtraction)
+    and zlib-ng compresses with Huffman coding only. On a 1008x756 overlay of a photo this
+    took 5 ms for 602 kB (12 ms with the standard zlib) where Pillow's encoder took 42 ms for
+    767 kB at level 1, and several times that at its default level 6 for the same size as
+    ours: its adaptive filter tries five filters on every row.
+    """
+    pixels = np.ascontiguousarray(array, dtype=np.uint8)
+    height, width = pixels.shape[:2]
+    colour_type = 2 if pixels.ndim == 3 else 0  # truecolour or greyscale, 8 bits a sample
+    rows = pixels.reshape(height, -1)
+    filtered = np.empty((height, rows.shape[1] + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # Up
+    filtered[0, 1:] = rows[0]  # the row above the first is zeros
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG wants
+    data = _deflate(filtered.tobytes())
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+
+
+#: Filtered image data at least this large is compressed in parallel pieces.
+_PARALLEL_DEFLATE_BYTES: Final = 256 * 1024
+_DEFLATE_PIECES: Final = max(1, min(4, os.cpu_count() or 1))
+#: zlib's header for a 32 KiB window and its fastest level (RFC 1950: 0x7801 % 31 == 0).
+_ZLIB_HEADER: Final = b"\x78\x01"
+
+
+def _deflate(data: bytes) -> bytes:
+    """``data`` as a zlib stream, Huffman coding only.
+
+    Huffman-only coding has no back-references, so pieces of the data compress independently
+    (as pigz does it): each piece is a raw deflate stream ending on a byte boundary (a sync
+    flush), the last one final, and the whole gets zlib's header and the data's Adler-32. zlib-ng
+    releases the GIL, so the pieces run at once: a 1008x756 overlay took 3.4 ms instead of 5.3 on
+    2 cores, the same size within 0.1%.
+    """
+    if len(data) < _PARALLEL_DEFLATE_BYTES or _DEFLATE_PIECES == 1:
+        deflate = zlib_ng.compressobj(1, zlib_ng.DEFLATED, 15, 9, zlib_ng.Z_HUFFMAN_ONLY)
+        return deflate.compress(data) + deflate.flush()
+    view = memoryview(data)
+    step = -(-len(data) // _DEFLATE_PIECES)
+    starts = range(0, len(data), step)
+    pieces = _deflate_pool().map(
+        lambda start: _raw_deflate(view[start : start + step], final=start + step >= len(data)),
+        starts,
+    )
+    return _ZLIB_HEADER + b"".join(pieces) + struct.pack(">I", zlib_ng.adler32(data))
+
+
+def _raw_deflate(piece: memoryview, final: bool) -> bytes:
+    deflate = zlib_ng.compressobj(1, zlib_ng.DEFLATED, -15, 9, zlib_ng.Z_HUFFMAN_ONLY)
+    return deflate.compress(piece) + deflate.flush(
+        zlib_ng.Z_FINISH if final else zlib_ng.Z_SYNC_FLUSH
+    )
+
+
+@lru_cache(maxsize=1)
+def _deflate_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_DEFLATE_PIECES, thread_name_prefix="gradcam-png")
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib_ng.crc32(payload, zlib_ng.crc32(kind))
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def _lut(colormap: str) -> npt.NDArray[np.uint8]:
+    """Return the lookup table of ``colormap`` or raise ``InvalidParameterError``."""
+    if colormap not in COLORMAPS:
+        raise InvalidParameterError(
+            f"Unknown colormap {colormap!r}; use one of: {', '.join(COLORMAPS)}.",
+            allowed=list(COLORMAPS),
+        )
+    return LUTS[colormap]
+
+
+def _check_alpha(alpha: float) -> float:
+    """Return ``alpha`` as a float, or raise ``InvalidParameterError`` if not in [0, 1]."""
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise InvalidParameterError(f"Invalid alpha {alpha!r}; use a number from 0 to 1.")
+    value = float(alpha)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise InvalidParameterError(f"Invalid alpha {alpha!r}; use a number from 0 to 1.")
+    return value
+
+
+def _as_heatmap(heatmap: np.ndarray) -> npt.NDArray[np.floating]:
+    """Check that ``heatmap`` is a 2-D float array and return it (not copied)."""
+    values = np.asarray(heatmap)
+    if values.ndim != 2 or not np.issubdtype(values.dtype, np.floating):
+        msg = f"heatmap must be a 2-D float array, got {values.ndim}-D {values.dtype}"
+        raise ValueError(msg)
+    return values
+
+
+def _as_rgb_array(image: np.ndarray | Image.Image) -> npt.NDArray[np.uint8]:
+    """Return ``image`` as an ``HxWx3`` uint8 array (greyscale is repeated into 3 channels)."""
+    if isinstance(image, Image.Image):
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return np.asarray(rgb, dtype=np.uint8)
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8:
+        msg = f"image must be a uint8 array, got {pixels.dtype}"
+        raise ValueError(msg)
+    if pixels.ndim == 2:
+        return np.repeat(pixels[:, :, None], 3, axis=2)
+    if pixels.ndim == 3 and pixels.shape[2] == 3:
+        return pixels
+    msg = f"image must be HxWx3 (RGB) or HxW (greyscale), got shape {pixels.shape}"
+    raise ValueError(msg)
+
+
+def _display_size(width: int, height: int) -> tuple[int, int]:
+    """Size (width, height) to show one part of the panel at, keeping the aspect ratio."""
+    scale = 1.0
+    if height < _MIN_PANEL_HEIGHT:
+        scale = _MIN_PANEL_HEIGHT / height
+    elif height > _MAX_PANEL_HEIGHT:
+        scale = _MAX_PANEL_HEIGHT / height
+    if width * scale > _MAX_PANEL_WIDTH:
+        scale = _MAX_PANEL_WIDTH / width
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _resize_rgb(pixels: npt.NDArray[np.uint8], width: int, height: int) -> npt.NDArray[np.uint8]:
+    """Resize an RGB array for display (unchanged if already that size)."""
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    resized = Image.fromarray(np.ascontiguousarray(pixels)).resize(
+        (width, height), Image.Resampling.LANCZOS, reducing_gap=3.0
+    )
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def _resize_heatmap(values: npt.NDArray[np.floating], width: int, height: int) -> np.ndarray:
+    """Resize a heatmap for display, smoothly, after clipping it to [0, 1] (NaN -> 0)."""
+    clean = np.nan_to_num(values.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    np.clip(clean, 0.0, 1.0, out=clean)
+    if clean.shape == (height, width):
+        return clean
+    resized = Image.fromarray(clean).resize(
+        (width, height), Image.Resampling.BILINEAR, reducing_gap=3.0
+    )
+    return np.asarray(resized, dtype=np.float32)
+
+
+def _font(size: int) -> Font:
+    """Pillow's built-in scalable font at ``size`` px (a fixed bitmap font without FreeType)."""
+    return ImageFont.load_default(size=size)
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Font) -> tuple[int, int]:
+    """Width and height in pixels of ``text`` drawn with ``font``."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font, anchor="lt")
+    return math.ceil(right - left), math.ceil(bottom - top)
+
+
+def _fit_title(draw: ImageDraw.ImageDraw, title: str | None, font: Font, max_width: int) -> str:
+    """Collapse whitespace in ``title`` and shorten it with an ellipsis to fit ``max_width``."""
+    if not title:
+        return ""
+    text = " ".join(title.split())[:_MAX_TITLE_CHARS]
+    ellipsis = "…"
+    if not isinstance(font, ImageFont.FreeTypeFont):  # the bitmap fallback is Latin-1 only
+        text = text.encode("latin-1", "replace").decode("latin-1")
+        ellipsis = "..."
+    if not text or _text_size(draw, text, font)[0] <= max_width:
+        return text
+    low, high = 0, len(text)  # longest prefix that fits with the ellipsis, by bisection
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _text_size(draw, text[:mid].rstrip() + ellipsis, font)[0] <= max_width:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low].rstrip() + ellipsis

@@ -1,0 +1,352 @@
+"""Tests for ``service.engine.pictures.overlays``: colour maps, overlays, the panel and encoding."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.engine.pictures._colormaps import LUTS
+from service.engine.pictures.overlays import (
+    COLORMAPS,
+    MEDIA_TYPES,
+    OVERLAY_FORMATS,
+    colorize,
+    encode_image,
+    overlay,
+    render_panel,
+)
+from service.errors import InvalidParameterError
+
+
+def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def ramp(height: int, width: int) -> np.ndarray:
+    """A heatmap going from 0 at the left to 1 at the right."""
+    return np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1))
+
+
+# --- lookup tables ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", COLORMAPS)
+def test_lookup_table_equals_matplotlibs_colormap(name: str) -> None:
+    matplotlib = pytest.importorskip("matplotlib")
+    expected = np.rint(matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255)
+    assert colorize(np.linspace(0.0, 1.0, 256)[None, :], name)[0].tolist() == expected.tolist()
+
+
+def test_every_offered_colormap_has_a_read_only_table() -> None:
+    assert set(COLORMAPS) == set(LUTS)
+    assert COLORMAPS[0] == "jet"
+    for table in LUTS.values():
+        assert table.shape == (256, 3)
+        assert table.dtype == np.uint8
+        assert not table.flags.writeable
+
+
+def test_jet_is_blue_at_zero_and_dark_red_at_one_not_black() -> None:
+    low, high = colorize(np.array([[0.0, 1.0]]))[0].tolist()
+    assert low == [0, 0, 128]
+    assert high == [128, 0, 0]  # the seed's LUT wrapped 1.0 to index 0 (black)
+
+
+def test_jet_keeps_the_threshold_floor_blue_not_black() -> None:
+    r, _g, b = colorize(np.array([[0.125]]))[0, 0].tolist()
+    assert b == 255
+    assert r == 0
+
+
+def test_colorize_rounds_to_the_nearest_table_entry() -> None:
+    values = np.arange(256, dtype=np.float64)[None, :] / 255.0
+    np.testing.assert_array_equal(colorize(values, "viridis")[0], LUTS["viridis"])
+    just_below_half_step = np.array([[0.4 / 255, 0.6 / 255]])
+    assert colorize(just_below_half_step, "gray")[0, :, 0].tolist() == [0, 1]
+
+
+def test_colorize_clips_out_of_range_values_and_maps_nan_to_zero() -> None:
+    out = colorize(np.array([[-3.0, 0.0, 1.0, 7.0, np.nan, np.inf, -np.inf]], np.float32))
+    row = out[0].tolist()
+    assert row[0] == row[1] == row[4] == row[6]
+    assert row[2] == row[3] == row[5]
+
+
+def test_colorize_returns_uint8_rgb_of_the_heatmaps_size() -> None:
+    out = colorize(ramp(5, 7), "turbo")
+    assert out.dtype == np.uint8
+    assert out.shape == (5, 7, 3)
+
+
+def test_colorize_does_not_modify_its_input() -> None:
+    heat = np.array([[np.nan, 2.0, 0.5]], dtype=np.float32)
+    colorize(heat)
+    assert np.isnan(heat[0, 0])
+    assert heat[0, 1:].tolist() == [2.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    "bad", [np.zeros(5), np.zeros((2, 2, 2)), np.zeros((3, 3), dtype=np.uint8)]
+)
+def test_colorize_rejects_non_2d_or_non_float_heatmaps(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="2-D float"):
+        colorize(bad)
+
+
+@pytest.mark.parametrize("name", ["hot", "Jet", "", "viridis_r"])
+def test_unknown_colormap_is_an_invalid_parameter_listing_allowed_values(name: str) -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        colorize(ramp(2, 2), name)
+    assert info.value.code == "invalid_parameter"
+    assert info.value.allowed == list(COLORMAPS)
+
+
+# --- overlay ---------------------------------------------------------------------------------
+
+
+def test_overlay_with_alpha_zero_is_the_image() -> None:
+    image = noise(6, 9)
+    np.testing.assert_array_equal(overlay(image, ramp(6, 9), alpha=0.0), image)
+
+
+@pytest.mark.parametrize("name", COLORMAPS)
+def test_overlay_with_alpha_one_is_the_coloured_heatmap(name: str) -> None:
+    heat = ramp(6, 9)
+    np.testing.assert_array_equal(overlay(noise(6, 9), heat, name, 1.0), colorize(heat, name))
+
+
+def test_overlay_never_wraps_a_white_image_under_red_heat() -> None:
+    white = np.full((4, 4, 3), 255, dtype=np.uint8)
+    out = overlay(white, np.ones((4, 4), np.float32), "jet", 0.5)
+    # 0.5 * (255, 255, 255) + 0.5 * (128, 0, 0), rounded; a uint8 sum would wrap to ~(127, ...).
+    assert out[0, 0].tolist() == [192, 128, 128]
+    assert out.min() >= 128
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.35, 0.5, 0.9])
+def test_overlay_matches_a_float_blend(alpha: float) -> None:
+    image, heat = noise(16, 16, seed=3), np.random.default_rng(4).random((16, 16))
+    expected = np.rint((1 - alpha) * image + alpha * colorize(heat).astype(float))
+    diff = np.abs(overlay(image, heat, alpha=alpha).astype(float) - expected)
+    assert diff.max() <= 1
+
+
+def test_overlay_returns_uint8_rgb_of_the_images_size() -> None:
+    out = overlay(noise(5, 8), ramp(5, 8))
+    assert out.dtype == np.uint8
+    assert out.shape == (5, 8, 3)
+
+
+def test_overlay_accepts_pil_images_and_greyscale_arrays() -> None:
+    rgb = noise(5, 8)
+    heat = ramp(5, 8)
+    np.testing.assert_array_equal(overlay(Image.fromarray(rgb), heat), overlay(rgb, heat))
+    grey = rgb[..., 0]
+    np.testing.assert_array_equal(
+        overlay(grey, heat), overlay(np.repeat(grey[..., None], 3, axis=2), heat)
+    )
+    np.testing.assert_array_equal(
+        overlay(Image.fromarray(grey), heat), overlay(np.stack([grey] * 3, axis=2), heat)
+    )
+
+
+def test_overlay_rejects_a_heatmap_of_another_size() -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        overlay(noise(5, 8), ramp(8, 5))
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), float("inf")])
+def test_overlay_rejects_alpha_outside_zero_to_one(alpha: float) -> None:
+    with pytest.raises(InvalidParameterError):
+        overlay(noise(2, 2), ramp(2, 2), alpha=alpha)
+
+
+def test_overlay_rejects_non_uint8_image_arrays() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        overlay(noise(2, 2).astype(np.float32), ramp(2, 2))
+
+
+# --- panel -----------------------------------------------------------------------------------
+
+
+def find(haystack: np.ndarray, needle: np.ndarray) -> tuple[int, int] | None:
+    """Top-left corner where ``needle`` appears exactly inside ``haystack``, if anywhere."""
+    height, width = needle.shape[:2]
+    for y, x in np.argwhere((haystack == needle[0, 0]).all(axis=2)):
+        if (haystack[y : y + height, x : x + width] == needle).all():
+            return int(y), int(x)
+    return None
+
+
+def test_panel_contains_the_original_pixels_and_is_wider_than_three_images() -> None:
+    image = noise(300, 280)  # already a display size: shown unscaled
+    panel = render_panel(image, ramp(300, 280))
+    assert panel.dtype == np.uint8
+    assert panel.ndim == 3
+    assert panel.shape[2] == 3
+    assert panel.shape[1] > 3 * 280
+    assert panel.shape[0] >= 300
+    assert find(panel, image) is not None
+
+
+def test_panel_contains_the_overlay_and_the_heatmap() -> None:
+    image, heat = noise(300, 280), ramp(300, 280)
+    panel = render_panel(image, heat, "viridis", 0.4)
+    assert find(panel, overlay(image, heat, "viridis", 0.4)) is not None
+    assert find(panel, colorize(heat, "viridis")) is not None
+
+
+def test_panel_background_is_white_and_scale_shows_both_ends() -> None:
+    panel = render_panel(noise(300, 280), ramp(300, 280), "jet")
+    assert panel[0, 0].tolist() == [255, 255, 255]
+    assert panel[-1, -1].tolist() == [255, 255, 255]
+    scale_region = panel[:, 3 * 280 :]
+    assert (scale_region == [128, 0, 0]).all(axis=2).any()  # jet at 1.0
+    assert (scale_region == [0, 0, 128]).all(axis=2).any()  # jet at 0.0
+
+
+@pytest.mark.parametrize(("height", "width"), [(7, 7), (14, 20), (2000, 3000), (5000, 400)])
+def test_panel_is_shown_at_a_display_size_whatever_the_input_size(height: int, width: int) -> None:
+    panel = render_panel(noise(height, width), ramp(height, width))
+    assert 256 <= panel.shape[0] <= 700
+    assert panel.shape[1] <= 4 * 1024 + 400
+
+
+def test_title_adds_a_line_on_top_without_widening_the_panel() -> None:
+    image, heat = noise(300, 280), ramp(300, 280)
+    plain = render_panel(image, heat)
+    titled = render_panel(image, heat, title="Grad-CAM for 'tabby cat' (p=0.93)")
+    assert titled.shape[1] == plain.shape[1]
+    assert titled.shape[0] > plain.shape[0]
+    top_strip = titled[: titled.shape[0] - plain.shape[0] + 10]
+    assert (top_strip < 128).any()  # some dark text was drawn
+
+
+def test_long_or_multiline_title_is_fitted_to_the_panel_width() -> None:
+    image, heat = noise(300, 280), ramp(300, 280)
+    plain = render_panel(image, heat)
+    titled = render_panel(image, heat, title="very long title\nwith lines " * 80)
+    assert titled.shape[1] == plain.shape[1]
+
+
+def test_panel_rejects_a_heatmap_of_another_size() -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        render_panel(noise(30, 40), ramp(40, 30))
+
+
+def test_panel_rejects_an_unknown_colormap() -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        render_panel(noise(30, 40), ramp(30, 40), "rainbow")
+    assert info.value.allowed == list(COLORMAPS)
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff"}
+
+
+@pytest.mark.parametrize("fmt", OVERLAY_FORMATS)
+def test_encoded_image_has_the_right_magic_bytes_and_round_trips(fmt: str) -> None:
+    array = np.zeros((32, 48, 3), dtype=np.uint8)
+    array[:, :24] = (200, 30, 30)
+    array[:, 24:] = (20, 40, 220)
+    data = encode_image(array, fmt)
+    if fmt == "webp":
+        assert data[:4] == b"RIFF"
+        assert data[8:12] == b"WEBP"
+    else:
+        assert data.startswith(MAGIC[fmt])
+    decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    assert decoded.shape == array.shape
+    if fmt == "png":
+        np.testing.assert_array_equal(decoded, array)
+    else:
+        assert np.abs(decoded - array).mean() < 4
+
+
+def test_encode_accepts_greyscale_arrays() -> None:
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    decoded = Image.open(io.BytesIO(encode_image(grey, "png")))
+    np.testing.assert_array_equal(np.asarray(decoded), grey)
+
+
+def test_jpeg_quality_changes_the_size() -> None:
+    array = noise(64, 64)
+    assert len(encode_image(array, "jpeg", quality=20)) < len(encode_image(array, "jpeg", 95))
+
+
+def test_media_types_cover_every_format() -> None:
+    assert MEDIA_TYPES == {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+    assert set(OVERLAY_FORMATS) == set(MEDIA_TYPES)
+
+
+@pytest.mark.parametrize("fmt", ["gif", "bmp", "jpg ", ""])
+def test_unknown_format_is_an_invalid_parameter_listing_allowed_values(fmt: str) -> None:
+    with pytest.raises(InvalidParameterError) as info:
+        encode_image(noise(4, 4), fmt)
+    assert info.value.code == "invalid_parameter"
+    assert info.value.allowed == list(OVERLAY_FORMATS)
+
+
+@pytest.mark.parametrize("quality", [0, 101, -5])
+def test_quality_outside_one_to_hundred_is_an_invalid_parameter(quality: int) -> None:
+    with pytest.raises(InvalidParameterError):
+        encode_image(noise(4, 4), "jpeg", quality)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((4, 4, 3), dtype=np.float32),
+        np.zeros((4, 4, 4), dtype=np.uint8),
+        np.zeros((0, 4, 3), dtype=np.uint8),
+    ],
+)
+def test_encode_rejects_arrays_that_are_not_uint8_rgb(array: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        encode_image(array)
+
+
+@pytest.mark.parametrize(
+    ("height", "width"),
+    # The last two are past the size compressed in parallel pieces, one not dividing evenly.
+    [(1, 1), (2, 3), (31, 17), (240, 320), (513, 701), (756, 1008)],
+)
+@pytest.mark.parametrize("channels", [3, 1])
+def test_png_encoding_round_trips_exactly(height: int, width: int, channels: int) -> None:
+    rng = np.random.default_rng(height * width + channels)
+    shape = (height, width, 3) if channels == 3 else (height, width)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    data = encode_image(pixels, "png")
+    with Image.open(io.BytesIO(data)) as decoded:
+        assert decoded.format == "PNG"
+        assert decoded.mode == ("RGB" if channels == 3 else "L")
+        np.testing.assert_array_equal(np.asarray(decoded), pixels)
+    # zlib checks what a PNG reader may not: the stream's end and its Adler-32.
+    rows = zlib.decompress(_png_chunks(data)[b"IDAT"])
+    assert len(rows) == height * (width * channels + 1)
+
+
+def _png_chunks(data: bytes) -> dict[bytes, bytes]:
+    """The payloads of a PNG's chunks by type, each chunk's CRC checked."""
+    chunks: dict[bytes, bytes] = {}
+    at = 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        kind, payload = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length : at + 12 + length])
+        assert crc == zlib.crc32(payload, zlib.crc32(kind))
+        chunks[kind] = chunks.get(kind, b"") + payload
+        at += 12 + length
+    return chunks
+
+
+def test_png_encoding_compresses_smooth_pictures() -> None:
+    y, x = np.mgrid[0:256, 0:256]
+    smooth = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
+    assert len(encode_image(smooth, "png")) < smooth.nbytes / 4

@@ -1,6 +1,7 @@
 """Showing a DICOM frame as a radiology viewer does (PS3.3 C.11, PS3.4 N.2): the modality LUT,
 the VOI transform (a window, the file's VOI LUT, or a percentile range) and MONOCHROME1
-inversion, to 8 bits. Reading the object is :mod:`service.engine.imaging.dicom`.
+inversion, to 8 bits. Reading the object is :mod:`service.engine.imaging.dicom_reading`, decoding
+its frame :mod:`service.engine.imaging.dicom_decoding`.
 """
 
 from __future__ import annotations

@@ -25,14 +25,9 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageFile, ImageOps
 
-from service.engine.imaging.dicom import (
-    DEFAULT_DISPLAY,
-    DICOM_FORMAT,
-    DicomSource,
-    is_dicom,
-    open_dicom,
-)
+from service.engine.imaging.dicom_decoding import DEFAULT_DISPLAY, DicomSource
 from service.engine.imaging.dicom_display import DisplayOptions
+from service.engine.imaging.dicom_reading import DICOM_FORMAT, is_dicom, open_dicom
 from service.errors import ImageTooLargeError, InvalidImageError, UnsupportedImageFormatError
 
 #: Container formats accepted for upload, as Pillow names them. Anything else Pillow recognises
@@ -40,7 +35,7 @@ from service.errors import ImageTooLargeError, InvalidImageError, UnsupportedIma
 #: attack surface, and the list is what the API documents.
 ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 #: Every format accepted: Pillow's, and DICOM (recognised by its ``DICM`` marker, decoded by
-#: :mod:`service.engine.imaging.dicom`).
+#: :mod:`service.engine.imaging.dicom_reading` and :mod:`~service.engine.imaging.dicom_decoding`).
 UPLOAD_FORMATS: tuple[str, ...] = (*ACCEPTED_FORMATS, DICOM_FORMAT)
 #: Bytes of decoded pixel data allowed per pixel of the limit: an RGBA (or CMYK) image at the
 #: pixel limit, the most Pillow decodes any accepted format to. A DICOM object's declared pixel

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from service.engine.imaging.dicom import DicomSource
+from service.engine.imaging.dicom_decoding import DicomSource
 from service.errors import InvalidImageError
 
 #: Media type of a DICOM file (RFC 3240).

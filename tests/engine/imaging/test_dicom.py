@@ -32,9 +32,9 @@ from pydicom.uid import (
 )
 
 from service.engine.cam.explain import ImageRequest, explain
-from service.engine.imaging import dicom as dicom_module
-from service.engine.imaging.dicom import is_dicom
+from service.engine.imaging import dicom_decoding
 from service.engine.imaging.dicom_display import AppliedWindow, DisplayOptions, Window, apply_window
+from service.engine.imaging.dicom_reading import is_dicom
 from service.engine.imaging.images import DecodedImage, ImageLimits, decode_image
 from service.engine.models.loaded import LoadedModel
 from service.engine.models.preprocess import preprocess
@@ -460,7 +460,7 @@ def no_pixel_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_: Any, **__: Any) -> Any:
         raise AssertionError("pixel data was decoded")
 
-    monkeypatch.setattr(dicom_module, "decode_pixels", refuse)
+    monkeypatch.setattr(dicom_decoding, "decode_pixels", refuse)
 
 
 def test_native_pixel_data_cut_short_is_truncated(dicom_factory: DicomFactory) -> None:

@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset, validate_file_meta
 from pydicom.uid import SecondaryCaptureImageStorage
 
-from service.engine.imaging.dicom import DicomSource
+from service.engine.imaging.dicom_decoding import DicomSource
 from service.engine.imaging.dicom_display import DisplayOptions
 from service.engine.imaging.images import decode_image
 from service.engine.pictures.secondary_capture import CaptureContent, secondary_capture

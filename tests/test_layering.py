@@ -59,7 +59,7 @@ def test_engine_modules_import_no_runtime_api_or_web_framework(module: str) -> N
 
 #: The engine's rooms and the rooms each may use: what a model is at the bottom, the CAM
 #: methods on it, the faithfulness scores on the maps; pictures draw decoded images; loading
-#: puts a model together (and warms it up with one explanation).
+#: puts a model together (and warms it up with one explanation); plan resolves a request.
 ENGINE_ROOMS: dict[str, set[str]] = {
     "models": set(),
     "imaging": set(),
@@ -67,6 +67,7 @@ ENGINE_ROOMS: dict[str, set[str]] = {
     "faithfulness": {"models", "cam"},
     "pictures": {"imaging"},
     "loading": {"models", "cam"},
+    "plan": {"models", "cam", "faithfulness"},
 }
 
 
@@ -87,6 +88,19 @@ def test_runtime_modules_import_no_api_or_web_framework(module: str) -> None:
     imported = _imports(MODULES[module])
     forbidden = ("service.api", "service.settings", "service.local", "fastapi", "starlette")
     assert not sorted(m for m in imported if m.startswith(forbidden))
+
+
+@pytest.mark.parametrize("module", _layer("service.serving"))
+def test_serving_operations_know_no_protocol_or_web_framework(module: str) -> None:
+    """The operations every protocol shares import neither a protocol nor the settings."""
+    imported = _imports(MODULES[module])
+    forbidden = ("service.api", "service.settings", "service.local", "fastapi", "starlette")
+    assert not sorted(m for m in imported if m.startswith(forbidden))
+
+
+@pytest.mark.parametrize("module", [*_layer("service.engine"), *_layer("service.runtime")])
+def test_nothing_below_the_operations_uses_them(module: str) -> None:
+    assert not sorted(m for m in _imports(MODULES[module]) if m.startswith("service.serving"))
 
 
 @pytest.mark.parametrize("module", _layer("service.local"))
@@ -138,3 +152,4 @@ def test_the_graph_is_read_from_real_imports() -> None:
     assert "service.engine.models.loaded" in GRAPH["service.engine.cam.explain"]
     assert "service.engine.cam.explain" in GRAPH["service.engine.faithfulness.scores"]
     assert "service.runtime.batching" in GRAPH["service.runtime.workers"]
+    assert "service.serving.operations" in GRAPH["service.api.routes.models"]

@@ -1,4 +1,4 @@
-"""What the HTTP layer hands the runtime, and what it gets back. Plain data, no FastAPI."""
+"""What a protocol hands the runtime, and what it gets back. Plain data, no FastAPI."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from typing import Literal
 
 import numpy as np
 
-from service.engine.cam.explain import CamMap, PostProcess
-from service.engine.faithfulness.scores import ScoreOptions
+from service.engine.cam.explain import CamMap
 from service.engine.imaging.images import DecodedImage
 from service.engine.models.preprocess import Geometry
+from service.engine.plan import ExplainPlan
 
 UpsampledSize = Literal["none", "input", "original"]
 OverlayKind = Literal["none", "png", "jpeg", "webp", "panel", "dicom"]
+#: How maps are sent: nested lists, or base64 of little-endian float32.
+MapEncoding = Literal["list", "base64"]
 
 
 @dataclass(frozen=True)
@@ -37,19 +39,12 @@ class PredictJob:
 
 @dataclass(frozen=True)
 class ExplainJob:
-    """Explain one image. ``layers`` are resolved names; ``targets`` resolved indices, or None
-    for every class reaching ``min_probability`` when it is given, else the ``top_k`` predicted
-    classes."""
+    """Explain one image as ``plan`` says (layers, classes, method, post-processing, scores,
+    resolved against the model), with the renderings of ``outputs``."""
 
     image: DecodedImage
-    layers: tuple[str, ...]
-    targets: tuple[int, ...] | None = None
-    top_k: int = 1
-    min_probability: float | None = None
-    method: str = "gradcam"
-    post: PostProcess = field(default_factory=PostProcess)
+    plan: ExplainPlan
     outputs: OutputOptions = field(default_factory=OutputOptions)
-    scores: ScoreOptions | None = None  # faithfulness scores of each map
 
 
 @dataclass

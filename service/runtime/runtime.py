@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import torch
 
-from service.engine.cam.explain import ImageRequest, check_explain_cost
+from service.engine.cam.explain import check_explain_cost
 from service.engine.faithfulness.scores import check_score_cost
 from service.engine.imaging.dicom_display import DisplayOptions
 from service.engine.imaging.images import DecodedImage, ScaleNeeded, decode_image
@@ -260,28 +260,26 @@ class Runtime:
                     code="dicom_overlay_needs_dicom",
                     image_index=index,
                 )
-        requests = [
-            ImageRequest(job.layers, job.targets, job.top_k, job.min_probability) for job in jobs
-        ]
-        for method in {job.method for job in jobs}:
+        plans = [job.plan for job in jobs]
+        for method in {plan.method for plan in plans}:
             check_explain_cost(
                 model,
                 method,
-                [r for r, job in zip(requests, jobs, strict=True) if job.method == method],
+                [plan.request for plan in plans if plan.method == method],
                 self._config.scorecam_max_forward_passes,
             )
-        for options in {job.scores for job in jobs if job.scores is not None}:
+        for options in {plan.scores for plan in plans if plan.scores is not None}:
             check_score_cost(
                 model,
-                [r for r, job in zip(requests, jobs, strict=True) if job.scores == options],
+                [plan.request for plan in plans if plan.scores == options],
                 options,
                 self._config.score_max_forward_passes,
                 self._config.score_max_road_solves,
             )
         tensors, geometries, prep_s = await self._prepare(served, [j.image for j in jobs], caller)
         items = [
-            WorkItem("explain", tensor, request, job.method, job.post, job.scores)
-            for tensor, request, job in zip(tensors, requests, jobs, strict=True)
+            WorkItem("explain", tensor, plan.request, plan.method, plan.post, plan.scores)
+            for tensor, plan in zip(tensors, plans, strict=True)
         ]
         computed = await self._submit(served, items, caller)
 
@@ -297,7 +295,7 @@ class Runtime:
                     c.value.maps,
                     geometry,
                     job.outputs,
-                    job.post,
+                    job.plan.post,
                     self._config.max_upsampled_side,
                 )
             )

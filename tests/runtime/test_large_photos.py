@@ -18,7 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
+from service.engine.cam.explain import ImageRequest
 from service.engine.models.loaded import LoadedModel
+from service.engine.plan import ExplainPlan
 from service.metrics import Metrics
 from service.runtime.config import RuntimeConfig
 from service.runtime.jobs import ExplainJob, ExplainOutcome, OutputOptions
@@ -64,7 +66,12 @@ def _explain_all(
             images = await runtime.decode(
                 [data for _, data in photos], model="shapes", overlay=True
             )
-            jobs = [ExplainJob(image=i, layers=("layer2",), outputs=outputs) for i in images]
+            jobs = [
+                ExplainJob(
+                    image=i, plan=ExplainPlan(ImageRequest(layers=("layer2",))), outputs=outputs
+                )
+                for i in images
+            ]
             return await runtime.explain("shapes", jobs), [i.image.size for i in images]
         finally:
             await runtime.stop()

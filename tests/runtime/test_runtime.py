@@ -20,6 +20,7 @@ from service.engine.imaging.images import DecodedImage, decode_image
 from service.engine.models.loaded import LoadedModel
 from service.engine.models.preprocess import preprocess
 from service.engine.models.spec import ModelSpec
+from service.engine.plan import ExplainPlan
 from service.errors import (
     DeadlineExceededError,
     InvalidParameterError,
@@ -33,6 +34,18 @@ from service.runtime import workers
 from service.runtime.config import RuntimeConfig
 from service.runtime.jobs import ExplainJob, OutputOptions, PredictJob
 from service.runtime.runtime import Runtime
+
+
+def _plan(
+    layers: tuple[str, ...] = (),
+    targets: tuple[int, ...] | None = None,
+    top_k: int = 1,
+    method: str = "gradcam",
+    post: PostProcess | None = None,
+    scores: ScoreOptions | None = None,
+) -> ExplainPlan:
+    return ExplainPlan(ImageRequest(layers, targets, top_k), method, post or PostProcess(), scores)
+
 
 TINY = ModelSpec(
     name="tiny",
@@ -100,8 +113,7 @@ def test_concurrent_callers_with_different_targets_and_layers_get_their_own_maps
             jobs = [
                 ExplainJob(
                     image=image,
-                    layers=layers[i % 3],
-                    targets=(i % 4,),
+                    plan=_plan(layers=layers[i % 3], targets=(i % 4,)),
                     outputs=NO_RENDER,
                 )
                 for i, image in enumerate(images)
@@ -146,7 +158,7 @@ def test_requests_past_the_queue_limit_are_refused_with_retry_after(gate: _Gate)
     async def scenario() -> tuple[OverloadedError, list[Any]]:
         runtime = await _started(RuntimeConfig(max_batch_size=2, max_queue_size=4))
         try:
-            job = ExplainJob(image=_image(0), layers=("layer4",), outputs=NO_RENDER)
+            job = ExplainJob(image=_image(0), plan=_plan(layers=("layer4",)), outputs=NO_RENDER)
             first = asyncio.create_task(runtime.explain("tiny", [job]))  # taken by the worker
             await asyncio.sleep(0.2)
             queued = [asyncio.create_task(runtime.explain("tiny", [job] * 2)) for _ in range(2)]
@@ -171,7 +183,7 @@ def test_deadline_answers_timeout_and_drops_queued_work(gate: _Gate) -> None:
     async def scenario() -> None:
         runtime = await _started(RuntimeConfig(request_timeout_s=0.5, max_batch_size=1))
         try:
-            job = ExplainJob(image=_image(0), layers=("layer4",), outputs=NO_RENDER)
+            job = ExplainJob(image=_image(0), plan=_plan(layers=("layer4",)), outputs=NO_RENDER)
             busy = asyncio.create_task(runtime.explain("tiny", [job]))
             await asyncio.sleep(0.1)
             with pytest.raises(DeadlineExceededError):
@@ -208,7 +220,7 @@ def test_worker_fault_fails_only_its_batch_and_the_worker_carries_on(
         await runtime.start()
         assert await runtime.wait_ready(120)
         try:
-            job = ExplainJob(image=_image(0), layers=("layer4",), outputs=NO_RENDER)
+            job = ExplainJob(image=_image(0), plan=_plan(layers=("layer4",)), outputs=NO_RENDER)
             with pytest.raises(WorkerError) as failed:
                 await runtime.explain("tiny", [job])
             assert "/secret" not in failed.value.detail
@@ -239,7 +251,7 @@ def test_out_of_memory_batch_is_retried_image_by_image(monkeypatch: pytest.Monke
     async def scenario() -> list[Any]:
         runtime = await _started(RuntimeConfig(max_batch_size=4, max_batch_wait_ms=100))
         try:
-            job = ExplainJob(image=_image(1), layers=("layer4",), outputs=NO_RENDER)
+            job = ExplainJob(image=_image(1), plan=_plan(layers=("layer4",)), outputs=NO_RENDER)
             return await runtime.explain("tiny", [job] * 3)
         finally:
             await runtime.stop()
@@ -269,8 +281,10 @@ def test_an_image_that_alone_runs_out_of_memory_fails_only_its_caller(
     async def scenario() -> list[Any]:
         runtime = await _started(RuntimeConfig(max_batch_size=4))
         try:
-            fine = ExplainJob(image=_image(1), layers=("layer4",), outputs=NO_RENDER)
-            doomed = ExplainJob(image=_image(2), layers=("layer4",), top_k=2, outputs=NO_RENDER)
+            fine = ExplainJob(image=_image(1), plan=_plan(layers=("layer4",)), outputs=NO_RENDER)
+            doomed = ExplainJob(
+                image=_image(2), plan=_plan(layers=("layer4",), top_k=2), outputs=NO_RENDER
+            )
             first = asyncio.create_task(runtime.explain("tiny", [fine], "a"))
             await asyncio.sleep(0.2)  # taken by the worker, held at the gate
             calls = [
@@ -296,7 +310,7 @@ def test_an_image_that_alone_runs_out_of_memory_fails_only_its_caller(
 def test_stop_finishes_queued_work_then_refuses_new_requests() -> None:
     async def scenario() -> None:
         runtime = await _started(RuntimeConfig(max_batch_size=2))
-        job = ExplainJob(image=_image(2), layers=("layer4",), outputs=NO_RENDER)
+        job = ExplainJob(image=_image(2), plan=_plan(layers=("layer4",)), outputs=NO_RENDER)
         in_flight = [asyncio.create_task(runtime.explain("tiny", [job])) for _ in range(6)]
         await asyncio.sleep(0.05)
         await runtime.stop()
@@ -326,7 +340,9 @@ def test_scorecam_cost_is_bounded_per_request_before_queueing() -> None:
         runtime = await _started(RuntimeConfig(scorecam_max_forward_passes=100))
         try:
             job = ExplainJob(
-                image=_image(3), layers=("layer4",), method="scorecam", outputs=NO_RENDER
+                image=_image(3),
+                plan=_plan(layers=("layer4",), method="scorecam"),
+                outputs=NO_RENDER,
             )
             with pytest.raises(InvalidParameterError) as refused:
                 await runtime.explain("tiny", [job])
@@ -343,7 +359,9 @@ def test_score_cost_is_bounded_per_request_before_queueing() -> None:
         try:
             road = ScoreOptions(names=("road",))  # 8 passes a map
             jobs = [
-                ExplainJob(image=_image(i), layers=("layer4",), outputs=NO_RENDER, scores=road)
+                ExplainJob(
+                    image=_image(i), plan=_plan(layers=("layer4",), scores=road), outputs=NO_RENDER
+                )
                 for i in range(4)
             ]
             admitted = await runtime.explain("tiny", jobs[:3])
@@ -384,7 +402,7 @@ def test_renderings_follow_the_output_options() -> None:
             return [
                 (
                     await runtime.explain(
-                        "tiny", [ExplainJob(image=image, layers=("layer3",), outputs=o)]
+                        "tiny", [ExplainJob(image=image, plan=_plan(layers=("layer3",)), outputs=o)]
                     )
                 )[0]
                 for o in options
@@ -425,7 +443,7 @@ def test_requests_predicted_to_wait_past_the_bound_are_refused_before_any_work(
         await runtime.start()
         assert await runtime.wait_ready(120)
         try:
-            job = ExplainJob(image=_image(0), layers=("layer4",), outputs=NO_RENDER)
+            job = ExplainJob(image=_image(0), plan=_plan(layers=("layer4",)), outputs=NO_RENDER)
             await runtime.explain("tiny", [job])  # measures about 0.3 s per image
             accepted = [asyncio.create_task(runtime.explain("tiny", [job])) for _ in range(2)]
             await asyncio.sleep(0.05)  # one running, one queued: 0.6 s ahead
@@ -465,9 +483,9 @@ def test_the_threshold_floor_stays_in_resized_maps_and_overlays() -> None:
                         [
                             ExplainJob(
                                 image=image,
-                                layers=("layer2", "layer3", "layer4"),
-                                top_k=4,
-                                post=post,
+                                plan=_plan(
+                                    layers=("layer2", "layer3", "layer4"), top_k=4, post=post
+                                ),
                                 outputs=options,
                             )
                         ],

@@ -1,21 +1,20 @@
 """The ``/v1`` endpoints: models, their layers, predictions and explanations.
 
-Thin handlers over the runtime. Everything that can be checked without the model's work (image
-count, parameters, layer and class names) is checked before anything is queued, and a request
-whose client goes away has its queued work cancelled.
+Thin handlers: the request's parameters become the engine's plan, :mod:`service.serving.operations`
+does the work, :mod:`service.api.answers` writes the answer. Everything that can be checked
+without the model's work (image count, parameters, layer and class names) is checked before
+anything is queued, and a request whose client goes away has its queued work cancelled.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
 from service.api import answers
-from service.api.budget import check_explain_size
 from service.api.deps import (
     AdmittedModelDep,
     CallerDep,
@@ -30,7 +29,6 @@ from service.api.disconnects import until_disconnected
 from service.api.schemas.examples import problem_responses
 from service.api.schemas.requests import (
     IMAGE_MEDIA_TYPES,
-    DisplayParams,
     ExplainForm,
     ExplainJsonRequest,
     ExplainParams,
@@ -44,31 +42,17 @@ from service.api.schemas.responses import (
     ModelList,
     PredictResponse,
 )
-from service.engine.cam.explain import MAX_PROBABILITY_TARGETS, PostProcess
-from service.engine.faithfulness.scores import ScoreOptions
-from service.engine.imaging.images import DecodedImage
+from service.engine import plan
 from service.engine.models.loaded import LoadedModel
 from service.engine.models.spec import ModelSpec
-from service.errors import (
-    InvalidParameterError,
-    ModelNotReadyError,
-    ServiceError,
-    UnknownLayerError,
-    UnknownTargetError,
-)
-from service.runtime.jobs import ExplainJob, OutputOptions, PredictJob
+from service.engine.plan import ExplainPlan
+from service.errors import ModelNotReadyError, ServiceError, UnknownLayerError, UnknownTargetError
 from service.runtime.runtime import Runtime
+from service.serving import operations
+
+T = TypeVar("T")
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@dataclass(frozen=True)
-class ExplainPlan:
-    layers: tuple[str, ...]  # empty: the model's default layer
-    targets: tuple[int, ...] | None
-    post: PostProcess
-    outputs: OutputOptions
-    scores: ScoreOptions | None
 
 
 def _with_hint(error: UnknownLayerError | UnknownTargetError, model: str) -> ServiceError:
@@ -89,62 +73,12 @@ def _with_hint(error: UnknownLayerError | UnknownTargetError, model: str) -> Ser
     )
 
 
-def _class_index(model: LoadedModel, value: int | str) -> int:
-    """A class given as a number (digits in a form field arrive as one) or as a label."""
-    return model.target(value) if isinstance(value, int) else model.label_target(value)
-
-
 def plan_explain(model: LoadedModel, params: ExplainParams) -> ExplainPlan:
-    """Resolve layers and targets against the model, so that bad names fail before queueing.
-
-    No layer named: no layer in the plan, and the engine explains the model's default layer.
-    """
-    if "layer" in params.model_fields_set and params.layer_index is not None:
-        raise InvalidParameterError(
-            "Give 'layer' or 'layer_index', not both.", code="conflicting_parameters"
-        )
-    if params.min_probability is not None and {"target", "top_k"} & params.model_fields_set:
-        raise InvalidParameterError(
-            "Give one way of choosing the classes: 'target', 'top_k' or 'min_probability'.",
-            code="conflicting_parameters",
-        )
+    """The engine's plan of ``params``; an unknown layer or class says where to list them."""
     try:
-        if params.layer_index is not None:
-            layers: tuple[str, ...] = (model.layer(index=params.layer_index).name,)
-        else:
-            layers = tuple(dict.fromkeys(model.layer(name).name for name in params.layer))
-        targets = tuple(dict.fromkeys(_class_index(model, v) for v in params.target)) or None
+        return plan.plan_explain(model, params.parameters())
     except (UnknownLayerError, UnknownTargetError) as exc:
         raise _with_hint(exc, model.name) from None
-    post = (
-        PostProcess(mode="threshold", threshold=params.threshold)
-        if params.threshold is not None
-        else PostProcess()
-    )
-    outputs = OutputOptions(
-        heatmap=params.heatmap,
-        upsampled=params.upsampled,
-        overlay=params.overlay,
-        colormap=params.colormap,
-        alpha=params.alpha,
-    )
-    scores = None
-    if params.scores:
-        scores = ScoreOptions(
-            names=tuple(dict.fromkeys(params.scores)),
-            road_percentiles=tuple(params.road_percentiles),
-            curve_step=params.curve_step,
-        )
-    return ExplainPlan(layers, targets, post, outputs, scores)
-
-
-def _most_targets(model: LoadedModel, params: ExplainParams, plan: ExplainPlan) -> int:
-    """The most classes one image of the request can be explained for."""
-    if plan.targets:
-        return len(plan.targets)
-    if params.min_probability is not None:
-        return min(MAX_PROBABILITY_TARGETS, model.num_classes)
-    return min(params.top_k, model.num_classes)
 
 
 def _model_info(runtime: Runtime, spec: ModelSpec) -> ModelInfo:
@@ -157,19 +91,13 @@ def _model_info(runtime: Runtime, spec: ModelSpec) -> ModelInfo:
     return answers.pending_model_info(spec, status)
 
 
-async def _decode(
-    request: Request,
-    runtime: Runtime,
-    model: LoadedModel,
-    blobs: list[bytes],
-    params: DisplayParams,
-    overlay: bool = False,
-) -> tuple[list[DecodedImage], float]:
-    """The uploaded images, decoded off the event loop, and the decode time per image."""
-    started = time.perf_counter()
-    decoding = runtime.decode(blobs, params.display(), model=model.name, overlay=overlay)
-    images = await until_disconnected(request, decoding)
-    return images, (time.perf_counter() - started) / len(images)
+def _watch(request: Request) -> operations.Watch:
+    """Work for ``request``, cancelled (its queued items dropped) if the client goes away."""
+
+    def watch(work: Awaitable[T]) -> Awaitable[T]:
+        return until_disconnected(request, work)
+
+    return watch
 
 
 def _request_body(form: type[BaseModel], json_body: type[BaseModel]) -> dict[str, Any]:
@@ -258,12 +186,13 @@ async def predict(
     caller: CallerDep,
 ) -> PredictResponse:
     """The top_k classes of each image, batched with other callers' images."""
-    runtime.check_admission(model.name, len(upload.blobs), caller)
-    images, decode_s = await _decode(request, runtime, model, upload.blobs, upload.params)
-    jobs = [PredictJob(image=image) for image in images]
-    outcomes = await until_disconnected(request, runtime.predict(model.name, jobs, caller))
+    done = await operations.predict(
+        runtime, model, upload.blobs, upload.params.display(), caller, _watch(request)
+    )
     _name_replica(request, response)
-    return answers.predict_response(model, images, outcomes, upload.params.top_k, decode_s)
+    return answers.predict_response(
+        model, done.images, done.outcomes, upload.params.top_k, done.decode_s
+    )
 
 
 @router.post(
@@ -284,33 +213,17 @@ async def explain(
     """One map per (target, layer) for each image: on the feature grid, optionally upsampled,
     and as an overlay on the uploaded image."""
     params = upload.params
-    plan = plan_explain(model, params)
-    runtime.check_admission(model.name, len(upload.blobs), caller)
-    overlay = params.overlay != "none"
-    images, decode_s = await _decode(request, runtime, model, upload.blobs, params, overlay)
-    check_explain_size(
+    done = await operations.explain(
+        runtime,
         model,
-        params,
-        plan.layers,
-        _most_targets(model, params, plan),
-        images,
-        max_upsampled_side=settings.max_upsampled_side,
-        limit=settings.max_response_bytes,
+        upload.blobs,
+        params.display(),
+        plan_explain(model, params),
+        params.outputs(),
+        params.encoding,
+        operations.AnswerLimits(settings.max_upsampled_side, settings.max_response_bytes),
+        caller,
+        _watch(request),
     )
-    jobs = [
-        ExplainJob(
-            image=image,
-            layers=plan.layers,
-            targets=plan.targets,
-            top_k=params.top_k,
-            min_probability=params.min_probability,
-            method=params.method,
-            post=plan.post,
-            outputs=plan.outputs,
-            scores=plan.scores,
-        )
-        for image in images
-    ]
-    outcomes = await until_disconnected(request, runtime.explain(model.name, jobs, caller))
     _name_replica(request, response)
-    return answers.explain_response(model, images, outcomes, params, decode_s)
+    return answers.explain_response(model, done.images, done.outcomes, params, done.decode_s)

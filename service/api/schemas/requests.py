@@ -33,7 +33,8 @@ from service.engine.faithfulness.scores import (
 from service.engine.imaging.dicom_display import DisplayOptions, Window
 from service.engine.imaging.images import ACCEPTED_FORMATS, UPLOAD_FORMATS
 from service.engine.pictures.overlays import COLORMAPS, DEFAULT_COLORMAP
-from service.runtime.jobs import OverlayKind, UpsampledSize
+from service.engine.plan import ExplainParameters, class_from_text
+from service.runtime.jobs import OutputOptions, OverlayKind, UpsampledSize
 
 #: Cost bounds of one explain request, per image.
 MAX_LAYERS = 8
@@ -327,7 +328,7 @@ class ExplainParams(DisplayParams):
         """A form field is text: digits there are a class index. In JSON an index is a number
         and a string is always a label."""
         if (info.context or {}).get(FORM_CONTEXT):
-            return [int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v for v in value]
+            return [class_from_text(v) if isinstance(v, str) else v for v in value]
         return value
 
     @field_validator("method")
@@ -339,6 +340,32 @@ class ExplainParams(DisplayParams):
     @classmethod
     def _known_colormap(cls, value: str) -> str:
         return _one_of(value, COLORMAPS, "colormap")
+
+    def parameters(self) -> ExplainParameters:
+        """What to explain, for the engine's plan: a parameter left out is None there."""
+        given = self.model_fields_set
+        return ExplainParameters(
+            layers=self.layer if "layer" in given else None,
+            layer_index=self.layer_index,
+            targets=self.target if "target" in given else None,
+            top_k=self.top_k if "top_k" in given else None,
+            min_probability=self.min_probability,
+            method=self.method,
+            threshold=self.threshold,
+            scores=self.scores,
+            road_percentiles=self.road_percentiles,
+            curve_step=self.curve_step,
+        )
+
+    def outputs(self) -> OutputOptions:
+        """The renderings asked for."""
+        return OutputOptions(
+            heatmap=self.heatmap,
+            upsampled=self.upsampled,
+            overlay=self.overlay,
+            colormap=self.colormap,
+            alpha=self.alpha,
+        )
 
 
 _IMAGE_FIELD_DOC = (

@@ -17,9 +17,10 @@ from service.engine.faithfulness.scores import ScoreName
 from service.engine.models.layers import Layout
 from service.engine.models.loaded import WeightsSource
 from service.engine.models.spec import Activation
+from service.runtime.jobs import MapEncoding
 from service.runtime.replicas import ModelState
 
-Encoding = Literal["list", "base64"]
+Encoding = MapEncoding
 
 # ============================================================================ models
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from service.engine.cam.capture import LayerCapture
-from service.engine.cam.methods import CamMethod, ScoreContext, get_method
+from service.engine.cam.costs import Cost, CostLimits, check_cost
+from service.engine.cam.methods import CamMethod, PerturbationContext, get_method
 from service.engine.models.layers import LayerInfo
 from service.engine.models.loaded import LoadedModel
 from service.errors import InvalidParameterError, UnknownTargetError
@@ -66,6 +67,16 @@ class ImageRequest:
     def __post_init__(self) -> None:
         if self.min_probability is not None and not 0.0 <= self.min_probability <= 1.0:
             raise InvalidParameterError("min_probability must be between 0 and 1.")
+
+    def most_targets(self, num_classes: int) -> int:
+        """The most classes this request can explain on one image of a model with
+        ``num_classes`` classes (explicit targets, else ``min_probability``'s cap, else
+        ``top_k``): what bounds its cost and its answer's size before the model has run."""
+        if self.targets is not None:
+            return len(self.targets)
+        if self.min_probability is not None:
+            return min(MAX_PROBABILITY_TARGETS, num_classes)
+        return max(1, min(self.top_k, num_classes))
 
 
 @dataclass
@@ -120,26 +131,29 @@ def postprocess(
     return grid, normalized, input_map, raw_min, raw_max
 
 
+def explain_cost(model: LoadedModel, method: str, requests: Sequence[ImageRequest]) -> Cost:
+    """What ``method`` costs on ``requests`` (one per image) beyond their forward passes, as the
+    method declares it, counted with the most targets each image can get."""
+    cam_method = get_method(method)
+    total = Cost()
+    for request in requests:
+        layers = [model.layer(name) for name in model.layer_names(request.layers)]
+        total += cam_method.cost(layers, request.most_targets(model.num_classes))
+    return total
+
+
 def check_explain_cost(
     model: LoadedModel, method: str, requests: Sequence[ImageRequest], limit: int
 ) -> None:
-    """Refuse, before any work, a request whose method needs more than ``limit`` forward passes.
-
-    Only methods that run the model on perturbed inputs cost passes (Score-CAM: one masked pass
-    per channel of each layer and image; it serves every target class of that image).
-    """
-    if not get_method(method).needs_model:
-        return
-    passes = sum(
-        model.layer(name).channels for r in requests for name in model.layer_names(r.layers)
+    """Refuse, before any work, a request whose method needs more than ``limit`` forward passes
+    on perturbed inputs (Score-CAM: one masked pass per channel of each layer and image)."""
+    check_cost(
+        explain_cost(model, method, requests),
+        CostLimits(max_forward_passes=limit),
+        subject=method,
+        code=get_method(method).too_costly_code,
+        advice="Use fewer images or layers, a layer with fewer channels, or a gradient method.",
     )
-    if passes > limit:
-        raise InvalidParameterError(
-            f"{method} would need {passes} forward passes for this request; the limit is"
-            f" {limit}. Use fewer images or layers, a layer with fewer channels, or a gradient"
-            " method.",
-            code="scorecam_too_costly",
-        )
 
 
 def predict(model: LoadedModel, inputs: torch.Tensor) -> np.ndarray:
@@ -180,7 +194,7 @@ def explain(
     method: str = "gradcam",
     post: PostProcess | None = None,
     *,
-    scorecam_batch_size: int = 32,
+    perturbation_batch_size: int = 32,
     max_forward_passes: int | None = None,
 ) -> ExplainResult:
     """Explain a batch (B, 3, H, W); ``requests[i]`` says what to explain for image ``i``."""
@@ -215,7 +229,7 @@ def explain(
             outputs=capture.outputs,
             logits=logits,
             probabilities=probabilities.cpu(),
-            scorecam_batch_size=scorecam_batch_size,
+            perturbation_batch_size=perturbation_batch_size,
         )
         rounds = max(len(t) for t in call.targets)  # 0: no class reached min_probability
         for r in range(rounds):
@@ -237,7 +251,7 @@ class _Call:
     outputs: dict[str, torch.Tensor]  # captured layer outputs, by layer
     logits: torch.Tensor  # (B, classes), in the graph when gradients are needed
     probabilities: torch.Tensor  # (B, classes) on the CPU
-    scorecam_batch_size: int
+    perturbation_batch_size: int
     maps: list[list[CamMap]] = field(default_factory=list)
     # Score-CAM: logits of one image's masked inputs at one layer serve every target class.
     masked_logits: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
@@ -284,17 +298,17 @@ def _round(call: _Call, r: int, *, last: bool) -> None:
                 if grad is None
                 else info.to_grid(grad[layer_rows]).float()
             )
-        score = None
+        perturbed = None
         if call.method.needs_model:
-            score = ScoreContext(
+            perturbed = PerturbationContext(
                 inputs=call.inputs[layer_rows],
                 targets=torch.tensor([call.targets[i][r] for i in layer_rows]),
                 run_model=call.run_model,
-                batch_size=call.scorecam_batch_size,
+                batch_size=call.perturbation_batch_size,
                 keys=[(i, name) for i in layer_rows],
                 cache=call.masked_logits,
             )
-        raw = call.method.combine(activations, grid_grad, score)
+        raw = call.method.combine(activations, grid_grad, perturbed)
         _add_maps(call, r, name, layer_rows, raw)
 
 

@@ -8,7 +8,7 @@ per image. Two small bases, so that a new method is one override:
   base forms ``sum_k w_k A_k``; element-wise ones override :meth:`GradientMethod.cam`.
 - :class:`GradientFreeMethod`: methods that never back-propagate (:meth:`GradientFreeMethod.cam`);
   the few that run the model on perturbed inputs say so with ``needs_model`` and get a
-  :class:`ScoreContext`.
+  :class:`PerturbationContext`.
 
 ReLU/threshold, normalisation and resizing are common to all and happen in
 :mod:`service.engine.cam.explain`. Formulas and epsilons follow the reference library
@@ -18,19 +18,22 @@ ReLU/threshold, normalisation and resizing are common to all and happen in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from service.engine.cam.costs import Cost
+from service.engine.models.layers import LayerInfo
 from service.errors import InvalidParameterError
 
 
 @dataclass
-class ScoreContext:
-    """What Score-CAM needs besides activations: the inputs and a way to run the model."""
+class PerturbationContext:
+    """What a method that runs the model on perturbed inputs (Score-CAM) needs besides the
+    activations: the inputs, a way to run the model, and the batch to run perturbed inputs in."""
 
     inputs: torch.Tensor  # (B, 3, H, W) model inputs, one row per CAM row
     targets: torch.Tensor  # (B,) class index per row
@@ -50,12 +53,23 @@ class CamMethod(ABC):
     needs_gradients: ClassVar[bool]
     needs_model: ClassVar[bool] = False
 
+    @property
+    def too_costly_code(self) -> str:
+        """The error code of a request refused for this method's cost."""
+        return f"{self.name}_too_costly"
+
+    def cost(self, layers: Sequence[LayerInfo], targets: int) -> Cost:
+        """What explaining one image at ``layers`` for ``targets`` classes costs beyond its
+        forward pass: a gradient round per class for gradient methods, nothing else. A method
+        that runs the model on perturbed inputs overrides this with its passes."""
+        return Cost(backward_passes=targets if self.needs_gradients else 0)
+
     @abstractmethod
     def combine(
         self,
         activations: torch.Tensor,
         gradients: torch.Tensor | None,
-        score: ScoreContext | None = None,
+        perturbed: PerturbationContext | None = None,
     ) -> torch.Tensor:
         """The unrectified map (B, H, W)."""
 
@@ -77,7 +91,7 @@ class GradientMethod(CamMethod):
         self,
         activations: torch.Tensor,
         gradients: torch.Tensor | None,
-        score: ScoreContext | None = None,
+        perturbed: PerturbationContext | None = None,
     ) -> torch.Tensor:
         if gradients is None:
             raise ValueError(f"{self.name} needs the gradients of the explained class")
@@ -90,16 +104,16 @@ class GradientFreeMethod(CamMethod):
     needs_gradients = False
 
     @abstractmethod
-    def cam(self, activations: torch.Tensor, score: ScoreContext | None) -> torch.Tensor:
-        """The map (B, H, W); ``score`` is given when ``needs_model`` is set."""
+    def cam(self, activations: torch.Tensor, perturbed: PerturbationContext | None) -> torch.Tensor:
+        """The map (B, H, W); ``perturbed`` is given when ``needs_model`` is set."""
 
     def combine(
         self,
         activations: torch.Tensor,
         gradients: torch.Tensor | None,
-        score: ScoreContext | None = None,
+        perturbed: PerturbationContext | None = None,
     ) -> torch.Tensor:
-        return self.cam(activations, score)
+        return self.cam(activations, perturbed)
 
 
 class GradCAM(GradientMethod):
@@ -192,7 +206,7 @@ class EigenCAM(GradientFreeMethod):
         "Eigen-CAM: first principal component of the activations (no gradients, class-agnostic)."
     )
 
-    def cam(self, activations: torch.Tensor, score: ScoreContext | None) -> torch.Tensor:
+    def cam(self, activations: torch.Tensor, perturbed: PerturbationContext | None) -> torch.Tensor:
         batch, channels, height, width = activations.shape
         flat = activations.reshape(batch, channels, height * width).transpose(1, 2)
         flat = torch.nan_to_num(flat.double())
@@ -211,7 +225,8 @@ class ScoreCAM(GradientFreeMethod):
     ``w = softmax_k(y_c(x * norm(up(A_k))))``: each channel, upsampled to the input and min-max
     normalised, masks the input; the masked input's target logit, softmaxed over channels, is
     that channel's weight. Costs one forward pass per channel per image and layer, whatever the
-    number of targets; the engine bounds it (``check_explain_cost``).
+    number of targets (:meth:`cost`); the engine caps it
+    (:func:`~service.engine.cam.costs.check_cost`).
     """
 
     name = "scorecam"
@@ -220,24 +235,27 @@ class ScoreCAM(GradientFreeMethod):
     )
     needs_model = True
 
-    def cam(self, activations: torch.Tensor, score: ScoreContext | None) -> torch.Tensor:
-        if score is None:
-            raise ValueError("scorecam needs the inputs and the model (a ScoreContext)")
+    def cost(self, layers: Sequence[LayerInfo], targets: int) -> Cost:
+        return Cost(forward_passes=sum(layer.channels for layer in layers))
+
+    def cam(self, activations: torch.Tensor, perturbed: PerturbationContext | None) -> torch.Tensor:
+        if perturbed is None:
+            raise ValueError("scorecam needs the inputs and the model (a PerturbationContext)")
         rows = []
         for row in range(activations.shape[0]):
-            key = score.keys[row] if score.keys else None
-            logits = score.cache.get(key) if key is not None else None
+            key = perturbed.keys[row] if perturbed.keys else None
+            logits = perturbed.cache.get(key) if key is not None else None
             if logits is None:
-                logits = self._masked_logits(activations[row], score.inputs[row], score)
+                logits = self._masked_logits(activations[row], perturbed.inputs[row], perturbed)
                 if key is not None:
-                    score.cache[key] = logits
-            weights = torch.softmax(logits[:, int(score.targets[row])], dim=0)
+                    perturbed.cache[key] = logits
+            weights = torch.softmax(logits[:, int(perturbed.targets[row])], dim=0)
             rows.append(torch.einsum("c,chw->hw", weights, activations[row]))
         return torch.stack(rows)
 
     @staticmethod
     def _masked_logits(
-        activations: torch.Tensor, image: torch.Tensor, score: ScoreContext
+        activations: torch.Tensor, image: torch.Tensor, perturbed: PerturbationContext
     ) -> torch.Tensor:
         """Logits (C, classes) of the image masked by each upsampled, normalised channel."""
         # align_corners=True matches the reference library's UpsamplingBilinear2d.
@@ -249,8 +267,10 @@ class ScoreCAM(GradientFreeMethod):
         maxs = flat.max(dim=1).values[:, None, None]
         masks = (upsampled - mins) / (maxs - mins + 1e-8)
         chunks = [
-            score.run_model(image[None] * masks[start : start + score.batch_size, None]).float()
-            for start in range(0, masks.shape[0], score.batch_size)
+            perturbed.run_model(
+                image[None] * masks[start : start + perturbed.batch_size, None]
+            ).float()
+            for start in range(0, masks.shape[0], perturbed.batch_size)
         ]
         return torch.cat(chunks)
 

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.engine.cam.explain import MAX_PROBABILITY_TARGETS, CamMap, ImageRequest
+from service.engine.cam.costs import Cost, CostLimits, check_cost
+from service.engine.cam.explain import CamMap, ImageRequest
 from service.engine.faithfulness.imputation import impute_many
 from service.engine.models.loaded import LoadedModel
 from service.errors import InvalidParameterError
@@ -128,17 +129,17 @@ class ScoreOptions:
             return 0
         return maps * self.passes_per_map() + images * self.passes_per_image()
 
+    def cost(self, maps: int, images: int) -> Cost:
+        """What these scores cost for ``maps`` maps over ``images`` images."""
+        return Cost(
+            forward_passes=self.passes(maps, images), cpu_solves=maps * self.solves_per_map()
+        )
+
 
 def most_maps(model: LoadedModel, request: ImageRequest) -> int:
     """The most maps ``request`` can produce for one image: its layers times the most targets
-    it can select (explicit targets, else ``min_probability``'s cap, else ``top_k``)."""
-    if request.targets is not None:
-        targets = len(request.targets)
-    elif request.min_probability is not None:
-        targets = min(MAX_PROBABILITY_TARGETS, model.num_classes)
-    else:
-        targets = max(1, min(request.top_k, model.num_classes))
-    return targets * len(model.layer_names(request.layers))
+    it can select."""
+    return request.most_targets(model.num_classes) * len(model.layer_names(request.layers))
 
 
 def check_score_cost(
@@ -152,26 +153,28 @@ def check_score_cost(
     more than ``max_road_solves`` of ROAD's sparse solves (CPU work that a fast device does not
     shorten: a request cheap in passes on a GPU can still hold its worker for minutes)."""
     maps = sum(most_maps(model, request) for request in requests)
-    passes = options.passes(maps, len(requests))
+    cost = options.cost(maps, len(requests))
     advice = (
-        " Ask for fewer scores, images, targets or layers, fewer ROAD percentiles, or a larger"
+        "Ask for fewer scores, images, targets or layers, fewer ROAD percentiles, or a larger"
         " curve_step."
     )
-    if passes > limit:
-        raise InvalidParameterError(
-            f"The scores asked for ({', '.join(options.names)}) would need {passes} forward"
-            f" passes for this request ({maps} maps: {options.passes_per_map()} each, plus"
-            f" {options.passes_per_image()} per image); the limit is {limit}." + advice,
-            code="scores_too_costly",
-        )
-    solves = maps * options.solves_per_map()
-    if max_road_solves is not None and solves > max_road_solves:
-        raise InvalidParameterError(
-            f"The ROAD score would need {solves} imputations (sparse linear solves on the CPU)"
-            f" for this request ({maps} maps: {options.solves_per_map()} each, two per"
-            f" percentile); the limit is {max_road_solves}." + advice,
-            code="scores_too_costly",
-        )
+    check_cost(
+        cost,
+        CostLimits(max_forward_passes=limit),
+        subject=f"The scores asked for ({', '.join(options.names)})",
+        breakdown=f" ({maps} maps: {options.passes_per_map()} each, plus"
+        f" {options.passes_per_image()} per image)",
+        code="scores_too_costly",
+        advice=advice,
+    )
+    check_cost(
+        cost,
+        CostLimits(max_cpu_solves=max_road_solves),
+        subject="The ROAD score",
+        breakdown=f" ({maps} maps: {options.solves_per_map()} each, two per percentile)",
+        code="scores_too_costly",
+        advice=advice,
+    )
 
 
 def score_maps(

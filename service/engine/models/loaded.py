@@ -111,19 +111,20 @@ class LoadedModel:
         The one place the default layer is applied."""
         return tuple(names) or (self.default_layer,)
 
-    def layer(self, name: str | None = None, index: int | None = None) -> LayerInfo:
-        """Resolve a layer by module path or by the seed script's ``layer_index``."""
-        if name is not None and index is not None:
-            raise UnknownLayerError("Give a layer name or a layer_index, not both.")
-        if index is not None:
-            if index in self._by_index:
-                return self._by_index[index]
-            allowed = sorted(self._by_index)
-            raise UnknownLayerError(
-                f"layer_index {index} does not select a spatial layer of model '{self.name}'. "
-                f"Allowed: {', '.join(map(str, allowed))}.",
-                allowed=[str(i) for i in allowed],
-            )
+    def layer_at(self, index: int) -> LayerInfo:
+        """Resolve the seed script's ``layer_index`` (top-level children counted back from the
+        classifier)."""
+        if index in self._by_index:
+            return self._by_index[index]
+        allowed = sorted(self._by_index)
+        raise UnknownLayerError(
+            f"layer_index {index} does not select a spatial layer of model '{self.name}'. "
+            f"Allowed: {', '.join(map(str, allowed))}.",
+            allowed=[str(i) for i in allowed],
+        )
+
+    def layer(self, name: str | None = None) -> LayerInfo:
+        """Resolve a layer by module path; none: the default layer."""
         if name is None:
             return self._by_name[self.default_layer]
         if name in self._by_name:

@@ -345,12 +345,12 @@ def test_layer_index_counts_top_level_children_back_from_the_classifier(
     load_tiny: Loader,
 ) -> None:
     model, _ = _load(load_tiny, "resnet")
-    assert model.layer(index=2).name == "layer4"
-    assert model.layer(index=3).name == "layer3"
-    assert model.layer(index=5).name == "layer1"
-    assert model.layer(index=2).grid == (7, 7)
-    assert model.layer(index=5).grid == (56, 56)
-    requests = [ImageRequest(layers=(model.layer(index=i).name,), targets=(1,)) for i in (2, 5)]
+    assert model.layer_at(2).name == "layer4"
+    assert model.layer_at(3).name == "layer3"
+    assert model.layer_at(5).name == "layer1"
+    assert model.layer_at(2).grid == (7, 7)
+    assert model.layer_at(5).grid == (56, 56)
+    requests = [ImageRequest(layers=(model.layer_at(i).name,), targets=(1,)) for i in (2, 5)]
     result = explain(model, _inputs(model, 2), requests)
     _verify_cam(result.maps[0][0], (7, 7), (224, 224))
     _verify_cam(result.maps[1][0], (56, 56), (224, 224))
@@ -382,14 +382,8 @@ def test_layer_index_of_a_non_spatial_or_missing_child_lists_the_allowed_indices
     """0 is the classifier and 1 the global pool: neither is spatial."""
     model, _ = _load(load_tiny, "resnet")
     with pytest.raises(UnknownLayerError, match=f"layer_index {index} ") as info:
-        model.layer(index=index)
+        model.layer_at(index)
     assert info.value.allowed == [str(i) for i in range(2, 10)]
-
-
-def test_name_and_index_together_are_refused(load_tiny: Loader) -> None:
-    model, _ = _load(load_tiny, "resnet")
-    with pytest.raises(UnknownLayerError, match="not both"):
-        model.layer("layer4", index=2)
 
 
 def test_unknown_layer_name_is_refused_with_the_listing_hint(load_tiny: Loader) -> None:

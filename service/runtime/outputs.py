@@ -63,9 +63,7 @@ def render_maps(
         shown_geometry = geometry.resized(width, height)
     map_width, map_height = fit_within(decoded.width, decoded.height, max_upsampled_side)
     map_geometry = geometry.resized(map_width, map_height)
-    # The threshold floor is part of the picture (the original script's 'adaptable threshold'):
-    # resized maps keep it rather than being min-max normalised down to 0.
-    normalize = post.mode == "relu"
+    normalize = post.renormalizes
     rendered: list[RenderedMap] = []
     for cam in maps:
         out = RenderedMap(cam=cam)

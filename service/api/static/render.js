@@ -65,7 +65,8 @@ function axis(size, originalSize, start, end, cells) {
  * The grid map resized onto the image shown at `width` x `height` pixels: the grid spans
  * `box` (the model input's box on the `original` image); pixels the model never saw are 0.
  * Min-max normalised to [0, 1] as the server does it, unless `normalize` is false (a map with
- * the threshold floor keeps it, as on the server).
+ * the threshold floor keeps it: the server's rule, PostProcess.renormalizes in
+ * service/engine/cam/explain.py; tests/api/test_page_in_browser.py holds the two together).
  */
 export function mapOntoImage(grid, box, original, width, height, normalize = true) {
   const xs = axis(width, original.width, box.left, box.right, grid.cols);

@@ -44,6 +44,15 @@ class PostProcess:
         if not 0.0 <= self.threshold <= 1.0:
             raise InvalidParameterError("threshold must be between 0 and 1.")
 
+    @property
+    def renormalizes(self) -> bool:
+        """Whether a map resized onto another grid (the input, the upload, an overlay) is
+        min-max normalised again, as the reference library does after ReLU. A threshold floor
+        is part of the picture (the original script's 'adaptable threshold'): resized maps keep
+        it rather than being normalised down to 0. The one home of this rule; the page's
+        redraw (``static/render.js``) follows it and is tested against the server's overlay."""
+        return self.mode == "relu"
+
 
 #: Most classes one image explains when they are chosen by ``min_probability``.
 MAX_PROBABILITY_TARGETS = 16
@@ -127,7 +136,7 @@ def postprocess(
     upsampled = F.interpolate(
         normalized[:, None], size=input_size, mode="bilinear", align_corners=False
     )[:, 0]
-    input_map = _minmax(upsampled) if post.mode == "relu" else upsampled.clamp(0.0, 1.0)
+    input_map = _minmax(upsampled) if post.renormalizes else upsampled.clamp(0.0, 1.0)
     return grid, normalized, input_map, raw_min, raw_max
 
 

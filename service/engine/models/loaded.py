@@ -4,7 +4,8 @@ callers' layer and class names resolve against them. Building one is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
@@ -48,24 +49,27 @@ class LoadedModel:
     autocast_dtype: torch.dtype | None = None
     _by_name: dict[str, LayerInfo] = field(default_factory=dict, repr=False)
     _by_index: dict[int, LayerInfo] = field(default_factory=dict, repr=False)
-    _label_index: dict[str, list[int]] = field(default_factory=dict, repr=False)
-    _folded_index: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _label_levels: list[dict[str, list[int]]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self._by_name = {layer.name: layer for layer in self.layers}
         self._by_index = {
             layer.layer_index: layer for layer in self.layers if layer.layer_index is not None
         }
-        # A class is named by its full label or, for ImageNet-style "tabby, tabby cat", by the
-        # part before the first comma; exact matches first, then case-insensitive ones.
-        exact: dict[str, set[int]] = {}
-        folded: dict[str, set[int]] = {}
+        # A class is named by its full label or by any of its comma-separated synonyms
+        # (ImageNet's "tabby, tabby cat": "tabby" or "tabby cat"); full labels before synonyms,
+        # exact matches before case-insensitive ones.
+        levels: list[dict[str, set[int]]] = [{}, {}, {}, {}]
         for i, label in enumerate(self.labels):
-            for key in {label, label.split(",")[0].strip()}:
-                exact.setdefault(key, set()).add(i)
-                folded.setdefault(key.casefold(), set()).add(i)
-        self._label_index = {key: sorted(hits) for key, hits in exact.items()}
-        self._folded_index = {key: sorted(hits) for key, hits in folded.items()}
+            synonyms = {part.strip() for part in label.split(",") if part.strip()} - {label}
+            levels[0].setdefault(label, set()).add(i)
+            levels[2].setdefault(label.casefold(), set()).add(i)
+            for synonym in synonyms:
+                levels[1].setdefault(synonym, set()).add(i)
+                levels[3].setdefault(synonym.casefold(), set()).add(i)
+        self._label_levels = [
+            {key: sorted(hits) for key, hits in level.items()} for level in levels
+        ]
 
     @property
     def name(self) -> str:
@@ -101,9 +105,11 @@ class LoadedModel:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def label_names(self) -> list[str]:
-        """Every name :meth:`target` accepts exactly: full labels and their first parts, less
-        those that name several classes (ImageNet's two "crane"s)."""
-        return [name for name, hits in self._label_index.items() if len(hits) == 1]
+        """The names offered to callers (the served OpenAPI enum): full labels and their first
+        synonyms, less those that name several classes (ImageNet's two "crane"s). Every other
+        synonym is accepted too (:meth:`label_target`)."""
+        names = dict.fromkeys(n for label in self.labels for n in (label, label.split(",")[0]))
+        return [name for name in names if len(self._label_hits(name.strip())) == 1]
 
     def layer_names(self, names: Sequence[str]) -> tuple[str, ...]:
         """The layers to explain: ``names``, or the model's default layer when there are none.
@@ -129,12 +135,10 @@ class LoadedModel:
             return self._by_name[self.default_layer]
         if name in self._by_name:
             return self._by_name[name]
-        names = [layer.name for layer in self.layers]
-        shown = ", ".join(names[-40:])
         raise UnknownLayerError(
-            f"Model '{self.name}' has no usable layer '{name}'. "
-            f"The last {min(40, len(names))} of {len(names)} are: {shown}.",
-            allowed=names,
+            f"Model '{self.name}' has no usable layer '{name}'."
+            + _did_you_mean(name, self._by_name),
+            allowed=_close(name, self._by_name) or None,
         )
 
     def target(self, value: int | str) -> int:
@@ -145,15 +149,25 @@ class LoadedModel:
             if 0 <= index < self.num_classes:
                 return index
             raise UnknownTargetError(
-                f"Class index {index} is outside model '{self.name}''s "
-                f"{self.num_classes} classes (0 to {self.num_classes - 1})."
+                f"Class index {index} is outside the {self.num_classes} classes of model"
+                f" '{self.name}' (0 to {self.num_classes - 1})."
             )
         return self.label_target(value)
 
+    def _label_hits(self, value: str) -> list[int]:
+        """The classes ``value`` names at the first level that knows it."""
+        folded = value.casefold()
+        keys = (value, value, folded, folded)
+        for level, key in zip(self._label_levels, keys, strict=True):
+            if key in level:
+                return level[key]
+        return []
+
     def label_target(self, value: str) -> int:
-        """Resolve a label name (exact, else case-insensitive) to its class index, or raise
-        UnknownTargetError; a string of digits is a label here, not an index."""
-        hits = self._label_index.get(value) or self._folded_index.get(value.casefold(), [])
+        """Resolve a label (the whole label or one of its comma-separated synonyms; exact, else
+        case-insensitive) to its class index, or raise UnknownTargetError; a string of digits is
+        a label here, not an index."""
+        hits = self._label_hits(value)
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
@@ -165,8 +179,25 @@ class LoadedModel:
                 code="ambiguous_target",
                 allowed=[str(i) for i in hits],
             )
-        allowed = self.labels if self.num_classes <= 50 else None
-        hint = f" Allowed: {', '.join(self.labels)}." if allowed else ""
+        if self.num_classes <= 50:
+            raise UnknownTargetError(
+                f"Model '{self.name}' has no class labelled '{value}'."
+                f" Allowed: {', '.join(self.labels)}.",
+                allowed=self.labels,
+            )
+        names = {**self._label_levels[3], **self._label_levels[2]}
         raise UnknownTargetError(
-            f"Model '{self.name}' has no class labelled '{value}'.{hint}", allowed=allowed
+            f"Model '{self.name}' has no class labelled '{value}'."
+            + _did_you_mean(value.casefold(), names),
+            allowed=_close(value.casefold(), names) or None,
         )
+
+
+def _close(name: str, known: Iterable[str]) -> list[str]:
+    """Up to 3 known names closest to ``name`` (difflib's ratio, at least 0.6)."""
+    return difflib.get_close_matches(name, list(known), n=3)
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = _close(name, known)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

@@ -21,7 +21,7 @@ from service.engine.loading import load_model
 from service.engine.models.loaded import LoadedModel
 from service.engine.models.preprocess import Geometry, PreprocessConfig, map_to_original, preprocess
 from service.engine.models.spec import ModelSpec, PreprocessOverrides
-from service.errors import ModelLoadError, UnknownTargetError
+from service.errors import ModelLoadError, UnknownLayerError, UnknownTargetError
 
 Loader = Callable[..., LoadedModel]
 CPU = torch.device("cpu")
@@ -511,3 +511,40 @@ def test_map_to_original_equals_torch_grid_sample_on_random_geometries() -> None
         ours = map_to_original(grid_map, geometry)
         assert ours.dtype == np.float32
         np.testing.assert_allclose(ours, _grid_sample_reference(grid_map, geometry), atol=1e-5)
+
+
+def test_any_synonym_of_a_label_names_its_class_in_any_case(load_tiny: Loader) -> None:
+    model = load_tiny("resnet18")
+    assert model.target("tabby cat") == model.target("Tabby Cat") == 281
+    assert model.target("giant panda") == model.target("panda bear") == 388
+    # "panda" is a synonym of the giant panda (388) and of the lesser panda (387): not guessed.
+    with pytest.raises(UnknownTargetError) as info:
+        model.target("panda")
+    assert info.value.code == "ambiguous_target"
+    assert info.value.allowed == ["387", "388"]
+
+
+def test_an_unknown_label_gets_close_names_not_a_thousand(load_tiny: Loader) -> None:
+    model = load_tiny("resnet18")
+    with pytest.raises(UnknownTargetError, match="Did you mean 'tabby'") as info:
+        model.target("tabbby")
+    assert info.value.allowed is not None
+    assert 1 <= len(info.value.allowed) <= 3
+
+
+def test_an_unknown_layer_gets_did_you_mean_suggestions(load_tiny: Loader) -> None:
+    model = load_tiny("resnet18")
+    with pytest.raises(UnknownLayerError, match="Did you mean 'layer4'") as info:
+        model.layer("layer5")
+    assert info.value.allowed is not None
+    assert len(info.value.allowed) <= 3
+    assert "layer4" in info.value.allowed
+
+
+def test_a_class_index_out_of_range_is_said_without_a_doubled_quote(load_tiny: Loader) -> None:
+    model = load_tiny("resnet18")
+    with pytest.raises(UnknownTargetError) as info:
+        model.target(1000)
+    assert info.value.detail == (
+        "Class index 1000 is outside the 1000 classes of model 'resnet18' (0 to 999)."
+    )

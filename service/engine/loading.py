@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -126,9 +127,23 @@ def load_state_dict_strict(
     model.load_state_dict(state, strict=True)
 
 
+def random_seed(name: str) -> int:
+    """The seed of a model's random weights: from its name, so that a model without weights
+    gives the same answers on every start and every run of a local command."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
+
+
+def _create_random(spec: ModelSpec) -> nn.Module:
+    """The architecture with random weights drawn under :func:`random_seed` (the global random
+    state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random_seed(spec.name))
+        return _create(spec, pretrained=False)
+
+
 def _build(spec: ModelSpec) -> tuple[nn.Module, WeightsInfo]:
     if spec.weights == "random":
-        return _create(spec, pretrained=False), WeightsInfo("random", note="requested")
+        return _create_random(spec), WeightsInfo("random", note="requested")
     if spec.weights == "hub":
         try:
             return _create(spec, pretrained=True), WeightsInfo("hub", location=spec.architecture)
@@ -142,15 +157,16 @@ def _build(spec: ModelSpec) -> tuple[nn.Module, WeightsInfo]:
                     " fallback_to_random to try the API with random weights."
                 ) from exc
             logger.warning(
-                "model %s: hub weights for %s unavailable (%s: %s); RANDOM WEIGHTS in use -"
-                " predictions and explanations are meaningless",
+                "model %s: hub weights for %s unavailable (%s: %s); RANDOM WEIGHTS in use"
+                " (seeded from the model's name, the same on every start) - predictions and"
+                " explanations are meaningless",
                 spec.name,
                 spec.architecture,
                 type(exc).__name__,
                 str(exc).splitlines()[0][:200] if str(exc) else "",
             )
             note = f"hub weights unavailable ({type(exc).__name__}); fell back to random"
-            return _create(spec, pretrained=False), WeightsInfo("random", note=note)
+            return _create_random(spec), WeightsInfo("random", note=note)
     path = Path(spec.weights)
     model = _create(spec, pretrained=False)
     state = _read_checkpoint(path)

@@ -548,3 +548,16 @@ def test_a_class_index_out_of_range_is_said_without_a_doubled_quote(load_tiny: L
     assert info.value.detail == (
         "Class index 1000 is outside the 1000 classes of model 'resnet18' (0 to 999)."
     )
+
+
+def test_random_weights_are_seeded_from_the_model_name_not_the_run() -> None:
+    torch.manual_seed(1)
+    before = torch.rand(1)
+    torch.manual_seed(1)
+    first = load_model(_spec("random"), CPU, warmup=False).module.state_dict()
+    assert torch.equal(torch.rand(1), before)  # the caller's random state is left alone
+    torch.manual_seed(2)
+    again = load_model(_spec("random"), CPU, warmup=False).module.state_dict()
+    other = load_model(_spec("random", name="other"), CPU, warmup=False).module.state_dict()
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not torch.equal(first["fc.weight"], other["fc.weight"])

@@ -110,6 +110,19 @@ def test_local_commands_use_the_engine_not_the_server(module: str) -> None:
     assert not sorted(m for m in imported if m.startswith(forbidden))
 
 
+@pytest.mark.parametrize(
+    "module",
+    [
+        m
+        for layer in ("service.engine", "service.runtime", "service.api", "service.local")
+        for m in _layer(layer)
+    ],
+)
+def test_nothing_below_the_command_line_imports_its_commands(module: str) -> None:
+    imported = _imports(MODULES[module])
+    assert not sorted(m for m in imported if m == "service.cli" or m.startswith("service.commands"))
+
+
 #: The only modules that import Ray (the optional ``ray`` extra).
 RAY_MODULES = {"service.ray_serve.deployment", "service.ray_serve.command"}
 

@@ -153,7 +153,7 @@ def _plan(model: LoadedModel, options: ExplainOptions) -> tuple[ImageRequest, Po
         raise CommandError("Give --layer or --layer-index, not both.")
     try:
         if options.layer_index is not None:
-            layers: tuple[str, ...] = (model.layer(index=options.layer_index).name,)
+            layers: tuple[str, ...] = (model.layer_at(options.layer_index).name,)
         else:
             layers = tuple(dict.fromkeys(model.layer(name).name for name in options.layers))
         targets = tuple(dict.fromkeys(model.target(value) for value in options.targets))

@@ -10,7 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.openapi import with_models
-from service.cli import main, render_openapi
+from service.cli import main
+from service.commands.export_openapi import render_openapi
 
 COMMITTED = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
 EXPORT = "gradcam-service export-openapi"

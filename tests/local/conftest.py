@@ -1,5 +1,6 @@
 """Fixtures for the local commands: the trained shapes model as a models file, and folders of
-its images written as PNG files with a labels file (classes and boxes)."""
+its images written as PNG files with a labels file (classes and boxes); ``gradcam-service
+evaluate`` run in process, and its report's ranking table read back."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
+from service.cli import main
 from service.engine.models.spec import ModelSpec
 
 ShapesFolder = Callable[..., tuple[Path, Path]]
+RunEvaluate = Callable[..., int]
+ReportTable = Callable[[str], list[dict[str, str]]]
 
 
 @pytest.fixture(autouse=True)
@@ -66,3 +70,30 @@ def shapes_folder(
         return folder, labels_file
 
     return make
+
+
+@pytest.fixture(scope="session")
+def run_evaluate() -> RunEvaluate:
+    """``run_evaluate(models_file, folder, labels, output, *options)``: ``gradcam-service
+    evaluate`` in process, with that models file and labels file; its exit status."""
+
+    def run(models_file: Path, folder: Path, labels: Path, output: Path, *extra: str) -> int:
+        argv = ["evaluate", str(folder), "--models-file", str(models_file), "--labels", str(labels)]
+        return main([*argv, "--output", str(output), *extra])
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def report_table() -> ReportTable:
+    """``report_table(markdown)``: the rows of the report's ranking table, by column name."""
+
+    def table(markdown: str) -> list[dict[str, str]]:
+        lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+        header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+        return [
+            dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True))
+            for line in lines[1:]
+        ]
+
+    return table

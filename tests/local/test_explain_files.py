@@ -13,12 +13,10 @@ from PIL import Image
 
 from service.cli import main
 from service.engine.cam.explain import ImageRequest, PostProcess, explain
-from service.engine.cam.methods import METHOD_NAMES
 from service.engine.imaging.images import decode_image
 from service.engine.models.loaded import LoadedModel
 from service.engine.models.preprocess import preprocess
 from service.local import explain_files as explain_files_module
-from service.local.files import is_explain_picture, safe_name
 
 ShapesFolder = Callable[..., tuple[Path, Path]]
 
@@ -108,43 +106,6 @@ def test_bad_options_and_files_are_one_line_each(
     assert not list(folder.glob("broken.*.png"))
 
 
-def test_a_models_file_with_several_models_needs_model(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    tiny = {"architecture": "resnet18", "num_classes": 2, "weights": "random"}
-    models = [{"name": name, **tiny} for name in ("a", "b")]
-    monkeypatch.setenv("GRADCAM_MODELS", json.dumps(models))
-    image = tmp_path / "x.png"
-    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
-    assert main(["explain", str(image)]) == 2  # refused before any model is loaded
-    assert "2 models are configured (a, b); choose one with --model" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        ("--batch-size", "0"),
-        ("--batch-size", "-1"),
-        ("--top-k", "0"),
-        ("--alpha", "2"),
-        ("--threshold", "-0.5"),
-    ],
-)
-def test_numbers_out_of_range_are_refused_by_the_parser(
-    bad: tuple[str, str],
-    shapes_models_file: Path,
-    shapes_folder: ShapesFolder,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    folder, _ = shapes_folder(1, 9)
-    with pytest.raises(SystemExit) as exited:
-        _explain(shapes_models_file, str(folder), *bad)
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument {bad[0]}: expected a" in err
-    assert not list(folder.glob("*.overlay.png"))
-
-
 def test_a_second_run_leaves_out_the_pictures_of_the_first(
     shapes_models_file: Path, shapes_folder: ShapesFolder, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -216,13 +177,3 @@ def test_class_names_add_the_index_only_where_labels_would_share_a_file_name() -
     assert names[281] == "tabby_tabby_cat"  # "tabby, tabby cat": unique, no index
     assert len({name.casefold() for name in names}) == 1000
     assert explain_files_module.class_names(["a b", "a/b", "c"]) == ["a_b.0", "a_b.1", "c"]
-
-
-def test_method_names_stay_apart_in_file_names() -> None:
-    assert len({safe_name(method) for method in METHOD_NAMES}) == len(METHOD_NAMES)
-    assert safe_name("gradcam++") == "gradcam++"  # not gradcam's name
-    is_picture = is_explain_picture
-    assert is_picture(Path("im0.gradcam++.layer4.1.tabby.panel.png"))
-    assert is_picture(Path("im0.png.layercam.layer4.crane.134.overlay.png"))
-    assert not is_picture(Path("beach.overlay.png"))  # the user's, not named as ours
-    assert not is_picture(Path("im0.gradcam.layer4.cat.npy.png"))

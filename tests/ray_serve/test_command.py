@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -38,3 +40,19 @@ def test_local_ray_sizes_do_not_apply_to_a_cluster(
     monkeypatch.setenv("RAY_ADDRESS", "ray://127.0.0.1:10001")
     assert main(["ray", "--num-cpus", "2"]) == 2
     assert "local Ray" in capsys.readouterr().err
+
+
+def test_without_ray_the_command_says_how_to_install_it() -> None:
+    """Without the ``ray`` extra: one log line naming it, exit status 2, no traceback."""
+    program = (
+        "import sys; sys.modules['ray'] = None\n"  # as if Ray were not installed
+        "from service.cli import main\n"
+        "sys.exit(main(['ray']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADCAM_", "RAY_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'gradcam-service[ray]'" in done.stderr
+    assert "Traceback" not in done.stderr

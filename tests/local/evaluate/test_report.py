@@ -8,7 +8,7 @@ from pathlib import Path
 
 from markdown_it import MarkdownIt
 
-from service.local.report import Report, Row, render_html, render_markdown
+from service.local.evaluate.report import Report, Row, render_html, render_markdown
 
 #: Names a folder can hold, each a different way to break Markdown if written unescaped.
 AWKWARD = [

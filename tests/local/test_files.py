@@ -1,0 +1,37 @@
+"""What both local commands share: the configured model, and the file names of explain's
+pictures, which neither command reads back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.cli import main
+from service.engine.cam.methods import METHOD_NAMES
+from service.local.files import is_explain_picture, safe_name
+
+
+def test_a_models_file_with_several_models_needs_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = {"architecture": "resnet18", "num_classes": 2, "weights": "random"}
+    models = [{"name": name, **tiny} for name in ("a", "b")]
+    monkeypatch.setenv("GRADCAM_MODELS", json.dumps(models))
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    assert main(["explain", str(image)]) == 2  # refused before any model is loaded
+    assert "2 models are configured (a, b); choose one with --model" in capsys.readouterr().err
+
+
+def test_method_names_stay_apart_in_file_names() -> None:
+    assert len({safe_name(method) for method in METHOD_NAMES}) == len(METHOD_NAMES)
+    assert safe_name("gradcam++") == "gradcam++"  # not gradcam's name
+    is_picture = is_explain_picture
+    assert is_picture(Path("im0.gradcam++.layer4.1.tabby.panel.png"))
+    assert is_picture(Path("im0.png.layercam.layer4.crane.134.overlay.png"))
+    assert not is_picture(Path("beach.overlay.png"))  # the user's, not named as ours
+    assert not is_picture(Path("im0.gradcam.layer4.cat.npy.png"))

@@ -3,7 +3,9 @@
 Nothing here knows about HTTP. Each error carries a stable machine-readable ``code`` and a
 ``category``; the HTTP layer maps categories to status codes in one place
 (``service.api.problems``). The ``detail`` sentence is shown to callers, so it must say what
-went wrong and what to do, and never contain stack traces or internal paths.
+went wrong and what to do, and never contain stack traces or internal paths. Refusals of a
+request as such (no API key, a body too large, a content type not accepted) are the HTTP
+layer's own: ``service.api.errors``.
 """
 
 from __future__ import annotations
@@ -100,12 +102,6 @@ class ImageTooLargeError(ServiceError):
     title = "The image is too large"
 
 
-class PayloadTooLargeError(ServiceError):
-    category = ErrorCategory.TOO_LARGE
-    code = "payload_too_large"
-    title = "The upload is too large"
-
-
 class UnknownModelError(ServiceError):
     category = ErrorCategory.NOT_FOUND
     code = "unknown_model"
@@ -128,14 +124,6 @@ class InvalidParameterError(ServiceError):
     category = ErrorCategory.INVALID_ARGUMENT
     code = "invalid_parameter"
     title = "Invalid parameter"
-
-
-class UnauthorizedError(ServiceError):
-    """No valid API key was presented; the message never repeats the key."""
-
-    category = ErrorCategory.UNAUTHENTICATED
-    code = "invalid_api_key"
-    title = "Authentication required"
 
 
 class ResponseTooLargeError(ServiceError):
@@ -188,11 +176,3 @@ class ServiceNotReadyError(ServiceError):
     code = "not_ready"
     title = "The service is not ready"
     default_retry_after_s = 5.0
-
-
-class UnsupportedContentTypeError(ServiceError):
-    """The request body is neither ``multipart/form-data`` nor JSON."""
-
-    category = ErrorCategory.UNSUPPORTED_MEDIA
-    code = "unsupported_content_type"
-    title = "Unsupported request content type"

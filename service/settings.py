@@ -178,6 +178,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="GRADCAM_",
         env_file=None,
+        # A variable set but empty (``GRADCAM_MODELS=`` from a compose file) counts as unset.
+        env_ignore_empty=True,
         extra="ignore",
         validate_default=True,
         protected_namespaces=(),

@@ -193,3 +193,27 @@ def test_a_list_setting_that_is_not_json_stops_the_service_with_a_sentence(
     assert "invalid configuration" in error
     assert "api_keys" in error
     assert "secret-key-material" not in error
+
+
+def test_empty_variables_count_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``GRADCAM_MODELS=`` (as a compose file or a shell export leaves it) gives the default,
+    for JSON lists and numbers alike, instead of stopping the service."""
+    defaults = Settings()
+    for name in ("MODELS", "API_KEYS", "API_KEYS_FILE", "CORS_ORIGINS", "PORT", "MAX_BATCH_SIZE"):
+        monkeypatch.setenv(f"GRADCAM_{name}", "")
+    settings = Settings()
+    assert settings == defaults
+    (spec,) = settings.model_specs()
+    assert (spec.name, spec.weights) == ("resnet50", "hub")
+    assert settings.api_keys == []
+    assert settings.api_keys_file is None
+    assert settings.port == 8000
+    assert settings.runtime_config() == RuntimeConfig()
+
+
+@pytest.mark.parametrize("name", ["GRADCAM_MODELS", "GRADCAM_API_KEYS", "GRADCAM_PORT"])
+def test_each_empty_variable_alone_is_the_default(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv(name, "")
+    assert Settings() == Settings.model_validate({})

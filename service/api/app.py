@@ -3,7 +3,9 @@
 ``create_app`` is what the CLI serves and the tests build. Models start loading when the app
 starts (its lifespan). Middleware (:mod:`service.api.middleware`) wraps, from the outside in:
 security headers, observability, CORS, API keys, the upload size limit, and the problem
-guard. The page at ``/`` and its assets come from :mod:`service.api.routes.page`.
+guard. The page at ``/`` and its assets come from :mod:`service.api.routes.page`. With API keys
+configured every route needs one but those declared :func:`~service.api.auth.public` (the
+probes, the page, the API documentation).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from starlette.routing import Route
 
 from service.api import openapi
-from service.api.auth import AuthMiddleware, KeyRing, access_summary
+from service.api.auth import AuthMiddleware, KeyRing, access_summary, public
 from service.api.middleware import (
     CorsMiddleware,
     ObservabilityMiddleware,
@@ -65,6 +68,15 @@ def default_replica_name() -> str:
     return f"{socket.gethostname()}/{os.getpid()}"
 
 
+def _documentation_is_public(app: FastAPI) -> None:
+    """Declare FastAPI's own routes, the OpenAPI document and its viewers (``/docs``, its OAuth2
+    redirect, ``/redoc``), :func:`~service.api.auth.public`, wherever the app serves them."""
+    served = {app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url}
+    for route in app.routes:
+        if isinstance(route, Route) and not isinstance(route, APIRoute) and route.path in served:
+            public(route.endpoint)
+
+
 def _operation_id(route: APIRoute) -> str:
     """Clean operation ids for generated clients: the handler's name (``explain``)."""
     return route.name
@@ -77,7 +89,9 @@ class GradCamAPI(FastAPI):
     def openapi(self) -> dict[str, Any]:
         generic = self.openapi_schema
         if generic is None:
-            generic = openapi.complete(super().openapi(), self.state.settings, self.state.keys)
+            generic = openapi.complete(
+                super().openapi(), self.state.settings, self.state.keys, self.routes
+            )
         runtime = getattr(self.state, "runtime", None)
         if not isinstance(runtime, Runtime) or not runtime.ready:
             return generic
@@ -134,6 +148,7 @@ def create_app(
     app.state.runtime = None
     app.state.replica = replica or default_replica_name()
 
+    _documentation_is_public(app)
     install_problem_handlers(app)
     app.include_router(models.router)
     app.include_router(health.router)
@@ -141,7 +156,7 @@ def create_app(
     # Added innermost first: the last one added wraps all the others.
     app.add_middleware(ProblemGuardMiddleware)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(AuthMiddleware, keys=keys, router=app.router)
     app.add_middleware(CorsMiddleware, origins=settings.cors_origins)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, label_callers=keys.enabled)
     app.add_middleware(SecurityHeadersMiddleware)

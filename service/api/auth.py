@@ -1,8 +1,12 @@
 """API keys and caller identity.
 
-With keys configured (``GRADCAM_API_KEYS`` and/or ``GRADCAM_API_KEYS_FILE``), every ``/v1/...``
-endpoint and ``/metrics`` need one, as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``;
-the probes (``/livez``, ``/readyz``), the OpenAPI document and its viewers stay open. Keys are
+With keys configured (``GRADCAM_API_KEYS`` and/or ``GRADCAM_API_KEYS_FILE``), every request
+needs one, as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``, unless the route it is
+dispatched to is declared :func:`public` where it is defined: the probes (``/livez``,
+``/readyz``), the page and its files, the OpenAPI document and its viewers. Deny by default: a
+route nobody declared public, a new route family included, needs a key, and so does a path that
+matches no route at all. Which route a request reaches is found with Starlette's own matching
+(the route's ``matches``, the root path and mounts included), in the router's order. Keys are
 kept only as SHA-256 digests (a deployment may configure the digests themselves,
 ``sha256:<hex>``) and a presented key is compared with every one of them in constant time.
 
@@ -19,15 +23,19 @@ import ipaddress
 import logging
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Final
+from typing import Any, Final, Protocol, TypeVar
 
+import fastapi.routing
+from starlette import status
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocketClose
 
+from service.api.errors import UnauthorizedError
 from service.api.problems import problem_response, service_problem
-from service.errors import UnauthorizedError
 from service.settings import ConfigError, Settings, read_config_file
 
 logger = logging.getLogger("service.api")
@@ -35,16 +43,77 @@ logger = logging.getLogger("service.api")
 #: A plain key shorter than this is refused at start: it could be guessed.
 MIN_KEY_LENGTH: Final = 16
 _DIGEST = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
-_PROTECTED_PREFIXES: Final = ("/v1/", "/metrics")
 #: Prefixes of caller ids: an API key's, or a client address's.
 KEY_CALLER: Final = "key"
 ADDRESS_CALLER: Final = "addr"
+#: The mark :func:`public` leaves on an endpoint (or a mounted app).
+_PUBLIC_MARK: Final = "__gradcam_public__"
+
+Endpoint = TypeVar("Endpoint")
 
 
-def is_protected(path: str) -> bool:
-    """Whether ``path`` (as routed: without the app's root path) needs an API key when keys
-    are configured."""
-    return path.startswith(_PROTECTED_PREFIXES)
+def public(endpoint: Endpoint) -> Endpoint:
+    """Declare the routes served by ``endpoint`` open: no API key needed even when keys are
+    configured. Use it where the route is defined, under the router's decorator::
+
+        @router.get("/livez")
+        @public
+        async def livez() -> Liveness: ...
+
+    or on the app a ``Mount`` serves (``Mount("/files", public(StaticFiles(...)))``). The mark
+    is on the endpoint, which ``include_router`` keeps whether it copies routes or not.
+    """
+    setattr(endpoint, _PUBLIC_MARK, True)
+    return endpoint
+
+
+def is_public(route: Any) -> bool:
+    """Whether ``route`` (one of :func:`reachable_routes`) was declared :func:`public`: its
+    endpoint, or the app it mounts."""
+    return any(
+        getattr(getattr(route, attribute, None), _PUBLIC_MARK, False) is True
+        for attribute in ("endpoint", "app")
+    )
+
+
+#: FastAPI from 0.16x keeps an included router as one route of the app and lists the routes it
+#: dispatches to (with the include's prefix) through this; older versions copy them in the app.
+_route_contexts: Callable[[Sequence[BaseRoute]], Iterable[Any]] | None = getattr(
+    fastapi.routing, "iter_route_contexts", None
+)
+
+
+def reachable_routes(routes: Sequence[BaseRoute]) -> list[Any]:
+    """The routes a request can be dispatched to among ``routes`` (an app's), in the order the
+    router tries them: an included router's own routes in its place. Each has Starlette's
+    ``matches``, and the ``path``, ``methods`` and ``endpoint`` (or mounted ``app``) it serves."""
+    return list(routes) if _route_contexts is None else list(_route_contexts(routes))
+
+
+def _dispatched(routes: Sequence[BaseRoute], scope: Scope) -> tuple[Any, Scope]:
+    """The route the router hands ``scope`` to, found as the router finds it: the first that
+    matches in full, else the first that matches but for the method (its 405), else none (a 404
+    or a redirect); with the scope that route sees."""
+    partial: tuple[Any, Scope] | None = None
+    for route in reachable_routes(routes):
+        match, child = route.matches(scope)
+        if match == Match.FULL:
+            return route, {**scope, **child}
+        if match == Match.PARTIAL and partial is None:
+            partial = (route, {**scope, **child})
+    return partial if partial is not None else (None, scope)
+
+
+def is_public_request(routes: Sequence[BaseRoute], scope: Scope) -> bool:
+    """Whether the route a request reaches among ``routes`` (an app's) is :func:`public`. A
+    mount that is not public itself is looked into: its own routes decide."""
+    route, scope = _dispatched(routes, scope)
+    while route is not None and not is_public(route):
+        inner: Sequence[BaseRoute] = getattr(route, "routes", None) or ()
+        if not inner:
+            return False
+        route, scope = _dispatched(inner, scope)
+    return route is not None
 
 
 def route_path(scope: Scope) -> str:
@@ -168,7 +237,10 @@ def is_loopback(host: str) -> bool:
 def access_summary(keys: KeyRing, host: str) -> tuple[int, str]:
     """The start-up log line about who may use the API: (level, message)."""
     if keys.enabled:
-        return logging.INFO, f"API keys required on /v1/... and /metrics ({len(keys.digests)} keys)"
+        return logging.INFO, (
+            "API keys required on every route but the probes, the page and the API"
+            f" documentation ({len(keys.digests)} keys)"
+        )
     if is_loopback(host):
         return logging.INFO, "no API keys configured: the API is open to local clients"
     return (
@@ -178,25 +250,38 @@ def access_summary(keys: KeyRing, host: str) -> tuple[int, str]:
     )
 
 
-class AuthMiddleware:
-    """Tag every request with its caller; refuse protected paths without a valid key (401)."""
+class Routed(Protocol):
+    """What holds an app's routes: its router (or the app)."""
 
-    def __init__(self, app: ASGIApp, keys: KeyRing) -> None:
+    @property
+    def routes(self) -> list[BaseRoute]: ...
+
+
+class AuthMiddleware:
+    """Tag every request with its caller; with keys configured, refuse a request without a valid
+    key (401) unless the route it reaches among ``router``'s (read at each request, so routes
+    added later count) is :func:`public`."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing, router: Routed) -> None:
         self.app = app
         self.keys = keys
+        self.router = router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):  # lifespan
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
-        path = route_path(scope)
-        if not self.keys.enabled or not is_protected(path):
+        if not self.keys.enabled or is_public_request(self.router.routes, scope):
             state["caller"] = address_caller(scope)
             await self.app(scope, receive, send)
             return
         key = presented_key(scope)
         caller = self.keys.caller(key) if key is not None else None
+        if caller is None and scope["type"] == "websocket":
+            # Closed before it is accepted: the server answers the handshake with 403.
+            await WebSocketClose(code=status.WS_1008_POLICY_VIOLATION)(scope, receive, send)
+            return
         if caller is None:
             error = (
                 UnauthorizedError(
@@ -212,7 +297,7 @@ class AuthMiddleware:
             )
             challenge = _REALM if key is None else f'{_REALM}, error="invalid_token"'
             response = problem_response(
-                service_problem(error, path), headers={"WWW-Authenticate": challenge}
+                service_problem(error, route_path(scope)), headers={"WWW-Authenticate": challenge}
             )
             await response(scope, receive, send)
             return

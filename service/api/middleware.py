@@ -30,13 +30,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.auth import KEY_CALLER
 from service.api.disconnects import ClientDisconnectedError
+from service.api.errors import PayloadTooLargeError
 from service.api.problems import (
     http_problem,
     problem_response,
     service_problem,
     unhandled_error_handler,
 )
-from service.errors import PayloadTooLargeError, ServiceError
+from service.errors import ServiceError
 from service.metrics import Metrics
 
 access_logger = logging.getLogger("service.access")

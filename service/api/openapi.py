@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
+from starlette.routing import BaseRoute
 
-from service.api.auth import KeyRing, is_protected
+from service.api.auth import KeyRing, is_public, reachable_routes
 from service.api.problems import use_problem_media_type
 from service.api.schemas.examples import add_schema_extras
 from service.api.schemas.requests import REQUEST_SCHEMAS
@@ -48,8 +50,10 @@ SECURITY_SCHEMES = {
 }
 
 
-def complete(schema: dict[str, Any], settings: Settings, keys: KeyRing) -> dict[str, Any]:
-    """Complete FastAPI's generated document in place (no model needed)."""
+def complete(
+    schema: dict[str, Any], settings: Settings, keys: KeyRing, routes: Sequence[BaseRoute]
+) -> dict[str, Any]:
+    """Complete FastAPI's generated document of ``routes`` in place (no model needed)."""
     _, definitions = models_json_schema(
         [(model, "validation") for model in REQUEST_SCHEMAS],
         ref_template="#/components/schemas/{model}",
@@ -63,7 +67,7 @@ def complete(schema: dict[str, Any], settings: Settings, keys: KeyRing) -> dict[
         schemas[name]["properties"][member]["maxItems"] = settings.max_images_per_request
     _drop_default_validation_responses(schema)
     use_problem_media_type(schema)
-    _add_security(schema, keys)
+    _add_security(schema, keys, routes)
     return schema
 
 
@@ -105,15 +109,22 @@ def _set_item_schema(one_or_many: dict[str, Any], item: dict[str, Any]) -> None:
     single.update(copy.deepcopy(item))
 
 
-def _add_security(schema: dict[str, Any], keys: KeyRing) -> None:
-    """Declare the API-key schemes on every protected operation; optional when keys are off."""
+def _add_security(schema: dict[str, Any], keys: KeyRing, routes: Sequence[BaseRoute]) -> None:
+    """Declare the API-key schemes on every operation but the public ones (as the middleware
+    does: deny by default); optional when keys are off."""
     schema["components"]["securitySchemes"] = SECURITY_SCHEMES
     requirement: list[dict[str, list[str]]] = [{name: []} for name in SECURITY_SCHEMES]
     if not keys.enabled:
         requirement.append({})  # the deployment runs open
+    open_operations = {
+        (route.path_format, method.lower())
+        for route in reachable_routes(routes)
+        if is_public(route)
+        for method in getattr(route, "methods", None) or ()
+    }
     for path, path_item in schema.get("paths", {}).items():
-        if is_protected(path):
-            for operation in path_item.values():
+        for method, operation in path_item.items():
+            if (path, method) not in open_operations:
                 operation["security"] = requirement
 
 

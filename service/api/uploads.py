@@ -18,8 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from service.api.errors import UnsupportedContentTypeError
 from service.api.schemas.requests import FORM_CONTEXT, JsonRequest
-from service.errors import InvalidImageError, InvalidParameterError, UnsupportedContentTypeError
+from service.errors import InvalidImageError, InvalidParameterError
 from service.settings import Settings
 
 P = TypeVar("P", bound=BaseModel)

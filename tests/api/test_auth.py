@@ -1,16 +1,24 @@
-"""API keys: both header forms, digests, the keys file, open probes, and keys kept out of logs."""
+"""API keys: both header forms, digests, the keys file, open probes, and keys kept out of logs;
+every route needs a key unless it is declared public (deny by default)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi import APIRouter, WebSocket
+from fastapi.staticfiles import StaticFiles
 from fastapi.testclient import TestClient
+from starlette.routing import Mount, WebSocketRoute
+from starlette.websockets import WebSocketDisconnect
 
 from service.api.app import create_app
+from service.api.auth import is_public, public, reachable_routes
 from service.engine.models.spec import ModelSpec
 from service.settings import ConfigError, Settings
 
@@ -209,3 +217,102 @@ def test_only_keys_become_metric_labels_never_client_addresses(secured: TestClie
     labels = [line for line in metrics.splitlines() if line.startswith("gradcam_caller_requests")]
     assert any('caller="key-' in line for line in labels)
     assert not any("addr-" in line for line in labels)
+
+
+#: What is declared public: the probes, the page and its files, the API document and its viewers
+#: (and, below, files a test mounts as public). Everything else needs a key.
+PUBLIC_ROUTES = {
+    "/livez",
+    "/readyz",
+    "/",
+    "/ui/options.json",
+    "/ui/{name}",
+    "/openapi.json",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+}
+
+
+def _reachable(path: str) -> str:
+    """A path that ``path`` (a route's template) matches: its parameters filled in."""
+    return re.sub(r"\{(\w+)(:\w+)?\}", lambda m: "tiny" if m[1] == "model" else "x", path)
+
+
+def _grown(app: Any, folder: Path) -> None:
+    """Add to ``app`` what a later change could add without a thought for keys: a new route
+    family under a prefix, files mounted, a websocket; and files mounted as declared public."""
+    (folder / "file.txt").write_text("file")
+    later = APIRouter()
+
+    @later.api_route("/models", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    async def v2_models() -> dict[str, str]:
+        return {"served": "without a key?"}
+
+    @later.websocket("/stream")
+    async def v2_stream(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.close()
+
+    app.include_router(later, prefix="/v2")
+    app.mount("/files", StaticFiles(directory=folder), name="files")
+    app.mount("/open-files", public(StaticFiles(directory=folder)), name="open-files")
+
+
+def test_every_route_needs_a_key_unless_it_is_declared_public(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    """Every route of the app, every method, mounts and websockets included, read from the app
+    itself: no list of protected routes to keep up to date."""
+    app = create_app(make_settings(api_keys=[PLAIN]))
+    _grown(app, tmp_path)
+    client = TestClient(app, raise_server_exceptions=False)  # no lifespan: no model loads
+    declared = set()
+    checked = 0
+    for route in reachable_routes(app.routes):
+        original = getattr(route, "original_route", route)
+        if isinstance(original, Mount):
+            requests = [(method, route.path + "/file.txt") for method in ("GET", "HEAD", "POST")]
+        elif isinstance(original, WebSocketRoute):
+            requests = [("WEBSOCKET", _reachable(route.path))]
+        else:
+            requests = [(method, _reachable(route.path)) for method in sorted(route.methods)]
+        if is_public(route):
+            declared.add(route.path)
+        for method, path in requests:
+            checked += 1
+            if method == "WEBSOCKET":
+                assert not is_public(route), "websockets are checked for refusal only"
+                with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect(path):
+                    pass
+                assert closed.value.code == 1008, path
+                with client.websocket_connect(path, headers={"X-API-Key": PLAIN}):
+                    pass
+                continue
+            refused = client.request(method, path)
+            with_key = client.request(method, path, headers={"X-API-Key": PLAIN})
+            assert with_key.status_code != 401, (method, path)
+            if is_public(route):
+                assert refused.status_code != 401, (method, path)
+                continue
+            assert refused.status_code == 401, (method, path, refused.status_code)
+            assert refused.headers["www-authenticate"] == 'Bearer realm="gradcam-service"'
+            if method != "HEAD":
+                assert refused.json()["code"] == "missing_api_key", (method, path)
+    assert declared == PUBLIC_ROUTES | {"/open-files"}, "only these routes are open"
+    assert checked > 2 * len(declared)
+    # A path no route matches needs a key too (a 404 says nothing to a caller without one).
+    for path in ("/v3/models", "/livez/extra", "/metrics.txt", "/v1", "/"):
+        refused = client.get("/nowhere" + path)
+        assert refused.status_code == 401, path
+    assert client.get("/nowhere", headers={"X-API-Key": PLAIN}).status_code == 404
+
+
+def test_without_keys_every_route_is_open(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    app = create_app(make_settings())
+    _grown(app, tmp_path)
+    client = TestClient(app, raise_server_exceptions=False)
+    for path in ("/v2/models", "/files/file.txt", "/metrics", "/nowhere"):
+        assert client.get(path).status_code != 401, path
+    with client.websocket_connect("/v2/stream"):
+        pass

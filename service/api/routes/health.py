@@ -1,4 +1,5 @@
-"""Liveness and readiness probes, and the Prometheus metrics."""
+"""Liveness and readiness probes (:func:`~service.api.auth.public`: a probe carries no key), and
+the Prometheus metrics (which need a key when keys are configured, like every route)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.answers import model_statuses, not_ready_problem
+from service.api.auth import public
 from service.api.problems import problem_response
 from service.api.schemas.examples import problem_responses
 from service.api.schemas.responses import Liveness, NotReadyProblem, Readiness
@@ -17,6 +19,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/livez", summary="Liveness: the process is serving")
+@public
 async def livez() -> Liveness:
     return Liveness()
 
@@ -38,6 +41,7 @@ async def livez() -> Liveness:
         }
     },
 )
+@public
 async def readyz(request: Request) -> Readiness | Response:
     runtime = getattr(request.app.state, "runtime", None)
     if not isinstance(runtime, Runtime):

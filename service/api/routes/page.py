@@ -4,7 +4,8 @@ Plain HTML, CSS and JavaScript modules in ``service/api/static`` (no build step,
 another host), sent with a strict Content-Security-Policy. What the page must know of the
 service, the colour maps above all, it reads from ``/ui/options.json``, built here from the
 engine's own tables so that its re-rendered overlays look like the server's. None of these
-routes is an API operation: they are left out of the OpenAPI document.
+routes is an API operation: they are left out of the OpenAPI document. They hold no data and
+are :func:`~service.api.auth.public`: the page asks for a key when the API answers 401.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.auth import public
 from service.api.schemas.requests import ExplainParams
 from service.engine.cam.methods import METHOD_NAMES, METHODS
 from service.engine.pictures._colormaps import LUTS
@@ -96,16 +98,19 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/")
+@public
 async def page(request: Request) -> Response:
     return _send(request, assets()["index.html"])
 
 
 @router.get("/ui/options.json")
+@public
 async def options() -> JSONResponse:
     return JSONResponse(page_options(), headers=PAGE_HEADERS)
 
 
 @router.get("/ui/{name}")
+@public
 async def asset(request: Request, name: str) -> Response:
     found = assets().get(name)
     if found is None or name == "index.html":

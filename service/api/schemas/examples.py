@@ -1,9 +1,10 @@
 """OpenAPI examples: of the request and response bodies, and of each error status's problem.
 
-Problem examples are built from the domain errors (:mod:`service.errors`) the way the service
-builds its real answers, so their titles, codes and statuses cannot drift from what clients get.
-The app attaches :data:`SCHEMA_EXTRAS` to the components of its OpenAPI document; routes take
-their error responses from :func:`problem_responses`.
+Problem examples are built from the service's errors (:mod:`service.errors`,
+:mod:`service.api.errors`) the way the service builds its real answers, so their titles, codes
+and statuses cannot drift from what clients get. The app attaches :data:`SCHEMA_EXTRAS` to the
+components of its OpenAPI document; routes take their error responses from
+:func:`problem_responses`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from service.api.answers import not_ready_problem
+from service.api.errors import UnauthorizedError
 from service.api.middleware import upload_too_large
 from service.api.problems import (
     RETRYABLE,
@@ -38,7 +40,6 @@ from service.errors import (
     ModelNotReadyError,
     OverloadedError,
     ServiceError,
-    UnauthorizedError,
     UnknownLayerError,
     UnknownModelError,
     UnsupportedImageFormatError,

@@ -20,16 +20,14 @@ from service.commands.common import (
 from service.engine.cam.methods import METHOD_NAMES
 from service.engine.faithfulness.scores import (
     DEFAULT_CURVE_STEP,
-    DEFAULT_ROAD_PERCENTILES,
     SCORE_NAMES,
-    ScoreOptions,
 )
-from service.errors import ServiceError
+from service.engine.plan import resolve_layers, score_options
 from service.local.evaluate.annotations import load_annotations
 from service.local.evaluate.localisation import ENERGY, POINTING
 from service.local.evaluate.options import EvaluateOptions
 from service.local.evaluate.runner import evaluate
-from service.local.files import CommandError, load_configured_model
+from service.local.files import load_configured_model
 from service.settings import Settings
 
 #: Scores ``evaluate`` computes unless told otherwise (the cheaper ones: 9 passes a map).
@@ -112,24 +110,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     def run(settings: Settings) -> int:
         annotations = load_annotations(args.labels) if args.labels is not None else {}
         model = load_configured_model(settings, args.model, args.device)
-        try:
-            named = [model.layer(name).name for name in args.layer or ()]
-            named += [model.layer_at(i).name for i in args.layer_index or ()]
-        except ServiceError as exc:
-            raise CommandError(exc.detail) from None
         layers = (
-            named
+            resolve_layers(model, args.layer or (), args.layer_index or ())
             or [info.name for info in model.layers if info.layer_index is not None]
             or [model.default_layer]
         )
         names = [] if args.scores == ["none"] else args.scores or list(DEFAULT_EVALUATE_SCORES)
-        scores = None
-        if names:
-            scores = ScoreOptions(
-                names=tuple(dict.fromkeys(names)),
-                road_percentiles=tuple(args.road_percentiles or DEFAULT_ROAD_PERCENTILES),
-                curve_step=args.curve_step,
-            )
+        scores = score_options(names, args.road_percentiles or (), args.curve_step)
         options = EvaluateOptions(
             layers=tuple(dict.fromkeys(layers)),
             methods=tuple(dict.fromkeys(args.method or ["gradcam"])),

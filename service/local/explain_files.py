@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.engine.cam.explain import CamMap, ImageRequest, PostProcess, explain
+from service.engine.cam.explain import CamMap, PostProcess, explain
 from service.engine.imaging.images import ImageLimits
 from service.engine.models.loaded import LoadedModel
 from service.engine.models.preprocess import map_to_original
 from service.engine.pictures.overlays import encode_png, overlay, render_panel
-from service.errors import ServiceError
+from service.engine.plan import ExplainParameters, class_from_text, plan_explain
 from service.local.files import (
     CommandError,
     LocalImage,
@@ -58,6 +58,17 @@ class ExplainOptions:
     colormap: str = "jet"
     alpha: float = 0.5
     batch_size: int = 8
+
+    def parameters(self) -> ExplainParameters:
+        """What to explain, for the engine's plan (an option left out is None there)."""
+        return ExplainParameters(
+            layers=self.layers or None,
+            layer_index=self.layer_index,
+            targets=[class_from_text(target) for target in self.targets] or None,
+            top_k=self.top_k,
+            method=self.method,
+            threshold=self.threshold,
+        )
 
 
 def image_stems(files: Sequence[Path]) -> dict[Path, str]:
@@ -96,7 +107,8 @@ def explain_files(
     """Explain every image of ``paths`` (files, or folders searched for images, less the
     pictures of an earlier run); the exit status: 0, or 1 when some files could not be read
     or some maps were not written."""
-    request, post = _plan(model, options)
+    plan = plan_explain(model, options.parameters())  # before any image is read
+    post = plan.post
     found = image_files(paths, is_explain_picture)
     files = found.files
     if not files:
@@ -116,9 +128,8 @@ def explain_files(
                     failed.append(str(exc))
             if images:
                 inputs = torch.stack([image.tensor for image in images])
-                result = explain(
-                    model, inputs, [request] * len(images), method=options.method, post=post
-                )
+                requests = [plan.request] * len(images)
+                result = explain(model, inputs, requests, method=plan.method, post=post)
                 for image, maps in zip(images, result.maps, strict=True):
                     for cam in maps:
                         stem = output_stem(image.path, stems[image.path], classes, cam)
@@ -147,27 +158,6 @@ def explain_files(
     return 1 if failed or clashes else 0
 
 
-def _plan(model: LoadedModel, options: ExplainOptions) -> tuple[ImageRequest, PostProcess]:
-    """Resolve layers and classes before any image is read, as the API does."""
-    if options.layers and options.layer_index is not None:
-        raise CommandError("Give --layer or --layer-index, not both.")
-    try:
-        if options.layer_index is not None:
-            layers: tuple[str, ...] = (model.layer_at(options.layer_index).name,)
-        else:
-            layers = tuple(dict.fromkeys(model.layer(name).name for name in options.layers))
-        targets = tuple(dict.fromkeys(model.target(value) for value in options.targets))
-        post = (
-            PostProcess(mode="threshold", threshold=options.threshold)
-            if options.threshold is not None
-            else PostProcess()
-        )
-        request = ImageRequest(layers=layers, targets=targets or None, top_k=options.top_k)
-    except ServiceError as exc:
-        raise CommandError(exc.detail) from None
-    return request, post
-
-
 def _write(
     model: LoadedModel,
     image: LocalImage,
@@ -177,7 +167,7 @@ def _write(
     stem: Path,
 ) -> None:
     shown = np.asarray(image.decoded.image)
-    heat = map_to_original(cam.grid_normalized, image.geometry, normalize=post.mode == "relu")
+    heat = map_to_original(cam.grid_normalized, image.geometry, normalize=post.renormalizes)
     blended = overlay(shown, heat, colormap=options.colormap, alpha=options.alpha)
     stem.with_name(stem.name + ".overlay.png").write_bytes(encode_png(blended))
     title = f"{model.labels[cam.target]} ({cam.probability:.1%}) | {cam.layer} | {cam.method}"

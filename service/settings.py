@@ -16,7 +16,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.engine.imaging.images import DEFAULT_LIMITS, ImageLimits
@@ -85,6 +92,15 @@ def browser_origin(value: str) -> str:
     return f"{scheme}://{host}" + (f":{port}" if port not in (None, default_port) else "")
 
 
+_PREFIX = "GRADCAM_"
+
+
+def _renamed(name: str, old: str) -> AliasChoices:
+    """A setting's variables under its name and under the name it had before (an alias given
+    in full: pydantic-settings adds no prefix to aliases), and both as keyword arguments."""
+    return AliasChoices(_PREFIX + name.upper(), _PREFIX + old.upper(), name, old)
+
+
 def validation_summary(exc: ValidationError, *, as_variables: bool = False) -> str:
     """One line naming every invalid field and why: by dotted path, or by the ``GRADCAM_*``
     variable that sets it. Input values are left out (they may be secrets)."""
@@ -92,7 +108,8 @@ def validation_summary(exc: ValidationError, *, as_variables: bool = False) -> s
     for error in exc.errors(include_url=False, include_input=False):
         loc = [str(part) for part in error["loc"]]
         if as_variables:
-            where = "GRADCAM_" + "_".join(loc).upper() if loc else "settings"
+            where = "_".join(loc).upper() if loc else "settings"
+            where = where if where.startswith(_PREFIX) or not loc else _PREFIX + where
         else:
             where = ".".join(loc) or "(top level)"
         parts.append(f"{where}: {error['msg']}")
@@ -176,7 +193,7 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="GRADCAM_",
+        env_prefix=_PREFIX,
         env_file=None,
         # A variable set but empty (``GRADCAM_MODELS=`` from a compose file) counts as unset.
         env_ignore_empty=True,
@@ -215,7 +232,8 @@ class Settings(BaseSettings):
     api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="API keys (JSON list): plain keys of at least 16 characters, or"
-        " 'sha256:<hex>' digests of them. With any key set, /v1/... and /metrics need one.",
+        " 'sha256:<hex>' digests of them. With any key set, every route needs one but the"
+        " probes, the page and the API documentation.",
     )
     api_keys_file: Path | None = Field(
         default=None,
@@ -259,8 +277,15 @@ class Settings(BaseSettings):
     max_queue_wait_ms: WaitMs = _RUNTIME.max_queue_wait_ms
     request_timeout_s: TimeoutS = _RUNTIME.request_timeout_s
     autocast: AutocastMode = _RUNTIME.autocast
-    scorecam_max_forward_passes: ForwardPasses = _RUNTIME.scorecam_max_forward_passes
-    scorecam_batch_size: BatchSize = _RUNTIME.scorecam_batch_size
+    # Before CAM methods declared their costs these were Score-CAM's: the old names still work.
+    explain_max_forward_passes: ForwardPasses = Field(
+        default=_RUNTIME.explain_max_forward_passes,
+        validation_alias=_renamed("explain_max_forward_passes", "scorecam_max_forward_passes"),
+    )
+    perturbation_batch_size: BatchSize = Field(
+        default=_RUNTIME.perturbation_batch_size,
+        validation_alias=_renamed("perturbation_batch_size", "scorecam_batch_size"),
+    )
     score_max_forward_passes: ForwardPasses = _RUNTIME.score_max_forward_passes
     score_max_road_solves: ForwardPasses = _RUNTIME.score_max_road_solves
     score_batch_size: BatchSize = _RUNTIME.score_batch_size
@@ -377,8 +402,8 @@ class Settings(BaseSettings):
             max_queue_wait_ms=self.max_queue_wait_ms,
             request_timeout_s=self.request_timeout_s,
             autocast=self.autocast,
-            scorecam_max_forward_passes=self.scorecam_max_forward_passes,
-            scorecam_batch_size=self.scorecam_batch_size,
+            explain_max_forward_passes=self.explain_max_forward_passes,
+            perturbation_batch_size=self.perturbation_batch_size,
             score_max_forward_passes=self.score_max_forward_passes,
             score_max_road_solves=self.score_max_road_solves,
             score_batch_size=self.score_batch_size,

@@ -11,7 +11,13 @@ from pydantic import ValidationError
 from service.cli import main
 from service.engine.imaging.images import ImageLimits
 from service.runtime.config import RuntimeConfig
-from service.settings import ConfigError, Settings, get_settings, load_models_file
+from service.settings import (
+    ConfigError,
+    Settings,
+    get_settings,
+    load_models_file,
+    validation_summary,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -217,3 +223,31 @@ def test_each_empty_variable_alone_is_the_default(
 ) -> None:
     monkeypatch.setenv(name, "")
     assert Settings() == Settings.model_validate({})
+
+
+@pytest.mark.parametrize(
+    ("variable", "field"),
+    [
+        ("GRADCAM_EXPLAIN_MAX_FORWARD_PASSES", "explain_max_forward_passes"),
+        ("GRADCAM_SCORECAM_MAX_FORWARD_PASSES", "explain_max_forward_passes"),
+        ("GRADCAM_PERTURBATION_BATCH_SIZE", "perturbation_batch_size"),
+        ("GRADCAM_SCORECAM_BATCH_SIZE", "perturbation_batch_size"),
+    ],
+)
+def test_method_cost_settings_are_read_under_their_names_and_their_score_cam_ones(
+    monkeypatch: pytest.MonkeyPatch, variable: str, field: str
+) -> None:
+    monkeypatch.setenv(variable, "7")
+    settings = Settings()
+    assert getattr(settings, field) == 7
+    assert getattr(settings.runtime_config(), field) == 7
+
+
+def test_a_renamed_setting_out_of_bounds_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GRADCAM_EXPLAIN_MAX_FORWARD_PASSES", "0")
+    with pytest.raises(ValidationError) as invalid:
+        Settings()
+    summary = validation_summary(invalid.value, as_variables=True)
+    assert summary.startswith("GRADCAM_EXPLAIN_MAX_FORWARD_PASSES: ")

@@ -42,8 +42,9 @@ class RuntimeConfig:
     max_queue_wait_ms: WaitMs = 2000.0  # admit only requests predicted to wait less than this
     request_timeout_s: TimeoutS = 60.0  # per request deadline; past it callers get 504
     autocast: AutocastMode = "none"  # mixed precision on CUDA
-    scorecam_max_forward_passes: ForwardPasses = 4096
-    scorecam_batch_size: BatchSize = 32
+    # a CAM method's forward passes on perturbed inputs (Score-CAM's masked inputs), per request
+    explain_max_forward_passes: ForwardPasses = 4096
+    perturbation_batch_size: BatchSize = 32  # perturbed inputs per forward pass of a CAM method
     score_max_forward_passes: ForwardPasses = 16384  # faithfulness scores, per request
     score_max_road_solves: ForwardPasses = 4096  # ROAD's sparse solves (CPU), per request
     score_batch_size: BatchSize = 32  # perturbed inputs per forward pass of the scores

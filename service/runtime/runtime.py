@@ -266,7 +266,7 @@ class Runtime:
                 model,
                 method,
                 [plan.request for plan in plans if plan.method == method],
-                self._config.scorecam_max_forward_passes,
+                self._config.explain_max_forward_passes,
             )
         for options in {plan.scores for plan in plans if plan.scores is not None}:
             check_score_cost(

@@ -90,7 +90,7 @@ def run_batch(replica: LoadedModel, group: list[WorkItem], config: RuntimeConfig
         [item.request for item in group],
         method=group[0].method,
         post=group[0].post,
-        perturbation_batch_size=config.scorecam_batch_size,
+        perturbation_batch_size=config.perturbation_batch_size,
     )
     if group[0].scores is not None:
         score_maps(

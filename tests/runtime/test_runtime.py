@@ -337,7 +337,7 @@ def test_unknown_model_and_not_ready_model_are_reported() -> None:
 
 def test_scorecam_cost_is_bounded_per_request_before_queueing() -> None:
     async def scenario() -> None:
-        runtime = await _started(RuntimeConfig(scorecam_max_forward_passes=100))
+        runtime = await _started(RuntimeConfig(explain_max_forward_passes=100))
         try:
             job = ExplainJob(
                 image=_image(3),

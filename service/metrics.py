@@ -82,6 +82,25 @@ class Metrics:
             ["model", "reason"],
             registry=self.registry,
         )
+        self.long_jobs = Gauge(
+            "gradcam_long_jobs",
+            "Long jobs (Score-CAM, faithfulness scores) by model and state (running, queued).",
+            ["model", "state"],
+            registry=self.registry,
+        )
+        self.long_job_remaining_seconds = Gauge(
+            "gradcam_long_job_remaining_seconds",
+            "Predicted seconds of the long jobs running (what remains) and queued, by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.abandoned_total = Counter(
+            "gradcam_abandoned_jobs_total",
+            "Long jobs stopped between two chunks because nobody waited for them any more"
+            " (the caller went away or its deadline passed), by model.",
+            ["model"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -37,6 +37,7 @@ from service.runtime.config import (
     MapSide,
     QueueSize,
     RuntimeConfig,
+    SliceMs,
     TimeoutS,
     WaitMs,
     WorkersPerDevice,
@@ -289,6 +290,7 @@ class Settings(BaseSettings):
     score_max_forward_passes: ForwardPasses = _RUNTIME.score_max_forward_passes
     score_max_road_solves: ForwardPasses = _RUNTIME.score_max_road_solves
     score_batch_size: BatchSize = _RUNTIME.score_batch_size
+    work_slice_ms: SliceMs = _RUNTIME.work_slice_ms
     max_upsampled_side: MapSide = _RUNTIME.max_upsampled_side
     exact_decode: bool = _RUNTIME.exact_decode
 
@@ -407,6 +409,7 @@ class Settings(BaseSettings):
             score_max_forward_passes=self.score_max_forward_passes,
             score_max_road_solves=self.score_max_road_solves,
             score_batch_size=self.score_batch_size,
+            work_slice_ms=self.work_slice_ms,
             max_upsampled_side=self.max_upsampled_side,
             exact_decode=self.exact_decode,
             image_limits=ImageLimits(

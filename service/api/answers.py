@@ -39,6 +39,7 @@ from service.api.schemas.responses import (
     UpsampledMap,
     ValueRange,
     WeightsSchema,
+    WorkSchema,
 )
 from service.engine.cam.explain import CamMap
 from service.engine.imaging.images import DecodedImage
@@ -49,6 +50,7 @@ from service.engine.models.spec import ModelSpec
 from service.errors import ServiceNotReadyError
 from service.runtime.jobs import ExplainOutcome, PredictOutcome, RenderedMap, Timings
 from service.runtime.replicas import ModelStatus
+from service.runtime.workers import ModelWork
 
 #: Predictions listed with each explained image (at least; more when ``top_k`` asks for more).
 EXPLAIN_PREDICTIONS = 5
@@ -56,8 +58,8 @@ EXPLAIN_PREDICTIONS = 5
 # ============================================================================ models
 
 
-def model_info(model: LoadedModel, replicas: int) -> ModelInfo:
-    """A loaded model, with everything a client needs to call it."""
+def model_info(model: LoadedModel, replicas: int, work: ModelWork | None = None) -> ModelInfo:
+    """A loaded model, with everything a client needs to call it, and what it is busy with."""
     weights = model.weights
     return ModelInfo(
         name=model.name,
@@ -77,6 +79,15 @@ def model_info(model: LoadedModel, replicas: int) -> ModelInfo:
             location=weights.location,
             random=weights.random,
             note=weights.note,
+        ),
+        work=None
+        if work is None
+        else WorkSchema(
+            queued=work.queued,
+            long_jobs_running=work.long_running,
+            long_jobs_queued=work.long_queued,
+            long_jobs_remaining_s=round(work.long_remaining_s, 3),
+            forward_pass_s=None if work.forward_pass_s is None else round(work.forward_pass_s, 6),
         ),
     )
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from service.engine.cam.explain import ImageRequest, PostProcess
+from service.engine.cam.costs import Cost
+from service.engine.cam.explain import ImageRequest, PostProcess, explain_cost
 from service.engine.cam.methods import get_method
 from service.engine.faithfulness.scores import (
     DEFAULT_CURVE_STEP,
     DEFAULT_ROAD_PERCENTILES,
     ScoreName,
     ScoreOptions,
+    most_maps,
 )
 from service.engine.models.loaded import LoadedModel
 from service.errors import InvalidParameterError
@@ -66,6 +68,20 @@ class ExplainPlan:
     def layers(self) -> tuple[str, ...]:
         """Resolved layer names; none: the model's default layer."""
         return self.request.layers
+
+    def cost(self, model: LoadedModel) -> Cost:
+        """What explaining one image costs on ``model`` beyond its forward pass: its method's
+        declared cost and its scores', counted with the most targets it can get."""
+        cost = explain_cost(model, self.method, [self.request])
+        if self.scores is not None:
+            cost += self.scores.cost(most_maps(model, self.request), 1)
+        return cost
+
+    @property
+    def long(self) -> bool:
+        """Whether it runs the model on perturbed inputs (its method or its scores): a long job,
+        run alone and in slices, stopped when nobody waits for it."""
+        return self.scores is not None or get_method(self.method).needs_model
 
 
 def class_from_text(text: str) -> int | str:

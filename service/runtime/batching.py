@@ -9,6 +9,13 @@ of items that may share one call (by ``group_key``), call the handler once per g
 every caller its own result, or the exception that failed its group. A caller that gives up
 (cancels) has its queued items dropped at once. The shape follows Ray Serve's
 ``serve/batching.py``.
+
+Solo items (``solo``: a job of many chunks, Score-CAM or the faithfulness scores) run alone, one
+per handler call, and are never taken to fill a batch; while one runs, its handler may lend the
+worker to the other items between its chunks (:meth:`Batcher.take_nowait`, :meth:`Batcher.finish`)
+and ask whether anyone still waits for it (:meth:`Batcher.waited_for`). Their time is predicted
+by ``solo_seconds``, not measured into the time per item, so one long job does not make every
+later item look long.
 """
 
 from __future__ import annotations
@@ -68,6 +75,9 @@ class _Entry(Generic[T, R]):
     future: asyncio.Future[Batched[R]]
     enqueued: float = field(default_factory=time.perf_counter)
     queued: bool = True  # still in its lane (not taken by a worker, not dropped)
+    solo: bool = False
+    solo_s: float = 0.0  # a solo item's predicted seconds
+    started: float = 0.0  # when its handler call began
 
 
 #: Takes a group's items, returns one result per item, in order: a value, or the exception
@@ -100,6 +110,9 @@ class Batcher(Generic[T, R]):
         max_wait_s: float | None = None,
         group_key: Callable[[T], Hashable] = lambda item: None,
         on_group: GroupObserver | None = None,
+        solo: Callable[[T], bool] = lambda item: False,
+        solo_seconds: Callable[[T], float] = lambda item: 0.0,
+        slice_s: float = 0.0,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_batch_wait_s < 0:
             raise ValueError("batch size and queue size must be >= 1, the wait budget >= 0")
@@ -112,13 +125,18 @@ class Batcher(Generic[T, R]):
         self.max_wait_s = max_wait_s
         self._group_key = group_key
         self._on_group = on_group
+        self._solo = solo
+        self._solo_seconds = solo_seconds
+        #: The longest a batch waits for a solo job's chunk to end before it is served.
+        self.slice_s = slice_s
         # Lanes with queued items, in round-robin order: a lane served moves to the back.
         self._lanes: OrderedDict[Hashable, deque[_Entry[T, R]]] = OrderedDict()
         self._depth = 0  # items queued, over all lanes
         self._wakeup = asyncio.Event()  # set when items are queued or the batcher closes
         self._closed = False
         self._loops = 0
-        self._running = 0  # items in handler calls now
+        self._running = 0  # items in handler calls now, solo ones apart
+        self._working: dict[int, _Entry[T, R]] = {}  # id(item) -> entry, in handler calls
         self._arriving: Counter[Hashable] = Counter()  # items about to be put, by lane
         self.item_seconds = 0.0  # decaying average of handler-call durations per item
 
@@ -144,27 +162,63 @@ class Batcher(Generic[T, R]):
             if self._arriving[lane] <= 0:
                 del self._arriving[lane]
 
-    def predicted_wait_s(self, count: int = 1, lane: Hashable = None) -> float:
+    def predicted_wait_s(self, count: int = 1, lane: Hashable = None, solo_s: float = 0.0) -> float:
         """Seconds the last of ``count`` new items of ``lane`` would wait for a worker.
 
         Batches take items round-robin across lanes, so ahead of it are its lane's earlier
         items and, from every other lane, at most as many items as its own position; they fill
         whole batches, each taking the measured time per item times the batch size, after the
-        batch being handled, shared by the worker loops. An idle batcher predicts 0.
+        batch being handled, shared by the worker loops. A solo job that is running delays a
+        batch by at most one of its slices. New solo items (``solo_s`` > 0, each predicted to
+        take that long) wait besides for the solo work running and queued, and for each other.
+        An idle batcher predicts 0.
         """
-        position = self.lane_depth(lane) + self._arriving.get(lane, 0) + count
-        pending = Counter({key: len(items) for key, items in self._lanes.items()})
+        pending = Counter(
+            {key: sum(not entry.solo for entry in items) for key, items in self._lanes.items()}
+        )
+        new = 0 if solo_s > 0 else count
+        position = pending.get(lane, 0) + self._arriving.get(lane, 0) + new
         pending.update(self._arriving)
-        ahead = position - 1 + sum(min(n, position) for key, n in pending.items() if key != lane)
+        ahead = max(0, position - 1) + sum(
+            min(n, position) for key, n in pending.items() if key != lane
+        )
         batches = ahead // self.max_batch_size + (1 if self._running else 0)
-        return batches * self.max_batch_size * self.item_seconds / max(1, self._loops)
+        loops = max(1, self._loops)
+        wait = batches * self.max_batch_size * self.item_seconds / loops
+        if solo_s > 0:
+            return wait + (self.solo_backlog_s() + (count - 1) * solo_s) / loops
+        return wait + (self.slice_s if self.solo_running else 0.0)
 
-    def admit(self, count: int, lane: Hashable = None) -> float:
-        """Check that ``count`` items of ``lane`` may queue now; return their predicted wait.
+    @property
+    def solo_running(self) -> int:
+        """Solo jobs in handler calls now."""
+        return sum(entry.solo for entry in self._working.values())
+
+    @property
+    def solo_queued(self) -> int:
+        """Solo jobs queued."""
+        return sum(entry.solo for items in self._lanes.values() for entry in items)
+
+    def solo_backlog_s(self) -> float:
+        """Predicted seconds of the solo work running (what remains of it) and queued."""
+        now = time.perf_counter()
+        running = sum(
+            max(0.0, entry.solo_s - (now - entry.started))
+            for entry in self._working.values()
+            if entry.solo
+        )
+        queued = sum(
+            entry.solo_s for items in self._lanes.values() for entry in items if entry.solo
+        )
+        return running + queued
+
+    def admit(self, count: int, lane: Hashable = None, solo_s: float = 0.0) -> float:
+        """Check that ``count`` items of ``lane`` (solo items predicted to take ``solo_s`` each,
+        if > 0) may queue now; return their predicted wait.
 
         Raises :class:`QueueFullError` past the queue's bound, the lane's, or the wait bound.
         """
-        wait = self.predicted_wait_s(count, lane)
+        wait = self.predicted_wait_s(count, lane, solo_s)
         retry = max(1.0, math.ceil(wait))
         if self._depth + count > self.max_queue_size:
             raise QueueFullError("queue", self._depth, self.max_queue_size, retry, wait)
@@ -197,10 +251,18 @@ class Batcher(Generic[T, R]):
         """Queue ``items`` together in ``lane``, or none of them; one future per item."""
         if self._closed:
             raise RuntimeError("the batcher is closed")
-        self.admit(len(items), lane)
+        solo = [self._solo(item) for item in items]
+        solo_s = [
+            self._solo_seconds(item) if is_solo else 0.0
+            for item, is_solo in zip(items, solo, strict=True)
+        ]
+        self.admit(len(items), lane, max(solo_s, default=0.0))
         loop = asyncio.get_running_loop()
         queued = self._lanes.setdefault(lane, deque())
-        entries = [_Entry[T, R](item, lane, loop.create_future()) for item in items]
+        entries = [
+            _Entry[T, R](item, lane, loop.create_future(), solo=is_solo, solo_s=seconds)
+            for item, is_solo, seconds in zip(items, solo, solo_s, strict=True)
+        ]
         for entry in entries:
             queued.append(entry)
             entry.future.add_done_callback(partial(self._drop, entry))
@@ -240,17 +302,28 @@ class Batcher(Generic[T, R]):
         if not lane:
             del self._lanes[entry.lane]
 
-    def _take(self) -> _Entry[T, R] | None:
-        """The next live item, round-robin over lanes; None if nothing is queued."""
-        while self._lanes:
-            lane, queued = next(iter(self._lanes.items()))
-            entry = queued.popleft()
+    def _take(self, *, solo: bool = True) -> _Entry[T, R] | None:
+        """The next live item, round-robin over lanes (``solo=False``: the next that is not
+        solo, solo items staying where they are); None if there is none."""
+        while True:
+            found = next(
+                (
+                    (lane, queued, entry)
+                    for lane, queued in self._lanes.items()
+                    for entry in queued
+                    if solo or not entry.solo
+                ),
+                None,
+            )
+            if found is None:
+                return None
+            lane, queued, entry = found
+            queued.remove(entry)
             self._unqueue(entry, queued)
             if queued:
                 self._lanes.move_to_end(lane)
             if not entry.future.done():  # else its caller gave up a moment ago
                 return entry
-        return None
 
     async def _next_batch(self) -> list[_Entry[T, R]] | None:
         """Wait for one item, then fill up to the batch size until the budget is spent;
@@ -261,9 +334,11 @@ class Batcher(Generic[T, R]):
             self._wakeup.clear()
             await self._wakeup.wait()
         batch = [first]
+        if first.solo:
+            return batch
         deadline = time.perf_counter() + self.max_batch_wait_s
         while len(batch) < self.max_batch_size:
-            entry = self._take()
+            entry = self._take(solo=False)
             if entry is None:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0 or not self._arriving or self._closed:
@@ -277,39 +352,87 @@ class Batcher(Generic[T, R]):
             batch.append(entry)
         return batch
 
+    def take_nowait(self) -> list[tuple[Hashable, list[_Entry[T, R]]]]:
+        """The groups of one batch of queued items that are not solo, taken now without
+        waiting for more (empty when none is queued): for a solo job's handler to run between
+        its chunks. Each group is begun; hand each to :meth:`finish` with its results."""
+        batch: list[_Entry[T, R]] = []
+        while len(batch) < self.max_batch_size and (entry := self._take(solo=False)):
+            batch.append(entry)
+        groups: dict[Hashable, list[_Entry[T, R]]] = {}
+        for entry in batch:
+            groups.setdefault(self._group_key(entry.item), []).append(entry)
+        for group in groups.values():
+            self._begin(group)
+        return list(groups.items())
+
+    def waited_for(self, item: T) -> bool:
+        """Whether the caller of ``item``, in a handler call now, still waits for it (it has
+        not given up, its deadline has not passed). Safe to call from a worker thread."""
+        entry = self._working.get(id(item))
+        return entry is not None and not entry.future.done()
+
+    def _begin(self, group: list[_Entry[T, R]]) -> float:
+        started = time.perf_counter()
+        for entry in group:
+            entry.started = started
+            self._working[id(entry.item)] = entry
+            if not entry.solo:
+                self._running += 1
+        return started
+
+    def finish(
+        self,
+        key: Hashable,
+        group: list[_Entry[T, R]],
+        started: float,
+        outcome: Sequence[R | BaseException] | BaseException,
+        seconds: float | None = None,
+    ) -> None:
+        """End a begun group: one result per item (a value or its exception), or one exception
+        for all; ``seconds`` it computed for (default: since ``started``)."""
+        seconds = time.perf_counter() - started if seconds is None else seconds
+        for entry in group:
+            self._working.pop(id(entry.item), None)
+            if not entry.solo:
+                self._running -= 1
+        if not group[0].solo:
+            per_item = seconds / len(group)
+            weight = _EWMA_WEIGHT if self.item_seconds else 1.0  # the first batch sets it
+            self.item_seconds += weight * (per_item - self.item_seconds)
+        if self._on_group is not None:
+            self._on_group(key, len(group), seconds)
+        if not isinstance(outcome, BaseException) and len(outcome) != len(group):
+            outcome = RuntimeError(
+                f"batch handler returned {len(outcome)} results for {len(group)}"
+            )
+        for i, entry in enumerate(group):
+            if entry.future.done():
+                continue
+            value = outcome if isinstance(outcome, BaseException) else outcome[i]
+            if isinstance(value, asyncio.CancelledError):
+                entry.future.cancel()
+            elif isinstance(value, BaseException):
+                entry.future.set_exception(value)
+            else:
+                entry.future.set_result(
+                    Batched(value, len(group), started - entry.enqueued, seconds)
+                )
+
     async def _handle(
         self, handler: Handler[T, R], key: Hashable, group: list[_Entry[T, R]]
     ) -> None:
         group = [entry for entry in group if not entry.future.done()]
         if not group:
             return
-        started = time.perf_counter()
-        self._running += len(group)
+        started = self._begin(group)
         try:
-            results = await handler([entry.item for entry in group])
-            if len(results) != len(group):
-                raise RuntimeError(
-                    f"batch handler returned {len(results)} results for {len(group)}"
-                )
+            results: Sequence[R | BaseException] | BaseException = await handler(
+                [entry.item for entry in group]
+            )
         except Exception as exc:
-            for entry in group:
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
-            return
-        finally:
-            self._running -= len(group)
-            seconds = time.perf_counter() - started
-            per_item = seconds / len(group)
-            weight = _EWMA_WEIGHT if self.item_seconds else 1.0  # the first batch sets it
-            self.item_seconds += weight * (per_item - self.item_seconds)
-            if self._on_group is not None:
-                self._on_group(key, len(group), seconds)
-        for entry, value in zip(group, results, strict=True):
-            if entry.future.done():
-                continue
-            if isinstance(value, BaseException):
-                entry.future.set_exception(value)
-            else:
-                entry.future.set_result(
-                    Batched(value, len(group), started - entry.enqueued, seconds)
-                )
+            results = exc
+        except BaseException as exc:  # cancelled: the worker loop is stopping
+            self.finish(key, group, started, exc)
+            raise
+        self.finish(key, group, started, results)

@@ -26,6 +26,7 @@ TimeoutS = Annotated[float, Field(gt=0)]
 ForwardPasses = Annotated[int, Field(ge=1)]
 MapSide = Annotated[int, Field(ge=16, le=16384)]
 WaitMs = Annotated[float, Field(gt=0, le=600_000)]
+SliceMs = Annotated[float, Field(ge=10, le=60_000)]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class RuntimeConfig:
     score_max_forward_passes: ForwardPasses = 16384  # faithfulness scores, per request
     score_max_road_solves: ForwardPasses = 4096  # ROAD's sparse solves (CPU), per request
     score_batch_size: BatchSize = 32  # perturbed inputs per forward pass of the scores
+    # A long job (Score-CAM, the scores) runs in chunks of about this long, measured on the
+    # device; between two it stops if nobody waits for it, and serves another batch.
+    work_slice_ms: SliceMs = 50.0
     max_upsampled_side: MapSide = 1024  # upsampled=original maps are resampled to fit this
     exact_decode: bool = False  # decode every pixel of large uploads (slower; see decode_image)
     image_limits: ImageLimits = field(default_factory=ImageLimits)

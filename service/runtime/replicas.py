@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from service.engine.cam.explain import predict
 from service.engine.loading import load_model, resolve_device
 from service.engine.models.loaded import LoadedModel
 from service.engine.models.spec import ModelSpec
@@ -55,6 +56,16 @@ class Replica:
 
     model: LoadedModel
     thread: ThreadPoolExecutor
+    pass_s: float | None = None  # one image's forward pass, timed after the warm-up
+
+
+def time_forward_pass(model: LoadedModel) -> float:
+    """Seconds of one image's forward pass on the model's device (after its warm-up): the
+    first estimate of what a long job's chunk costs, before any is measured."""
+    inputs = torch.zeros(1, model.preprocessing.channels, *model.input_size, device=model.device)
+    started = time.perf_counter()
+    predict(model, inputs)
+    return time.perf_counter() - started
 
 
 async def load_replicas(
@@ -76,10 +87,11 @@ async def load_replicas(
                     model = await loop.run_in_executor(
                         thread, partial(load_model, spec, device, autocast_dtype=autocast)
                     )
+                    pass_s = await loop.run_in_executor(thread, time_forward_pass, model)
                 except BaseException:
                     thread.shutdown(wait=False)
                     raise
-                replicas.append(Replica(model, thread))
+                replicas.append(Replica(model, thread, pass_s))
                 logger.info(
                     "model %s replica %d loaded on %s in %.1fs (weights: %s%s)",
                     spec.name,

@@ -27,13 +27,16 @@ from typing import TypeVar
 
 import torch
 
+from service.engine.cam.costs import Cost
 from service.engine.cam.explain import check_explain_cost
+from service.engine.cam.methods import get_method
 from service.engine.faithfulness.scores import check_score_cost
 from service.engine.imaging.dicom_display import DisplayOptions
 from service.engine.imaging.images import DecodedImage, ScaleNeeded, decode_image
 from service.engine.models.loaded import LoadedModel
 from service.engine.models.preprocess import Geometry, PreprocessConfig, preprocess
 from service.engine.models.spec import ModelSpec, check_unique_names
+from service.engine.plan import ExplainPlan
 from service.errors import (
     DeadlineExceededError,
     InvalidParameterError,
@@ -53,7 +56,7 @@ from service.runtime.outputs import (
     render_maps,
 )
 from service.runtime.replicas import ModelStatus, devices, load_replicas
-from service.runtime.workers import Computed, ServedModel, WorkItem
+from service.runtime.workers import Computed, ModelWork, ServedModel, WorkItem
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +145,10 @@ class Runtime:
     def model(self, name: str) -> LoadedModel:
         """The first replica of a ready model (for metadata and validation)."""
         return self._ready(name).replicas[0]
+
+    def work(self, name: str) -> ModelWork:
+        """What a ready model's workers are busy with now (queue, long jobs)."""
+        return self._ready(name).work()
 
     def _ready(self, name: str) -> ServedModel:
         status = self._status.get(name)
@@ -276,10 +283,21 @@ class Runtime:
                 self._config.score_max_forward_passes,
                 self._config.score_max_road_solves,
             )
+        costs = [plan.cost(model) for plan in plans]
+        self._check_time(served, plans, costs)
         tensors, geometries, prep_s = await self._prepare(served, [j.image for j in jobs], caller)
         items = [
-            WorkItem("explain", tensor, plan.request, plan.method, plan.post, plan.scores)
-            for tensor, plan in zip(tensors, plans, strict=True)
+            WorkItem(
+                "explain",
+                tensor,
+                plan.request,
+                plan.method,
+                plan.post,
+                plan.scores,
+                cost=cost,
+                long=plan.long,
+            )
+            for tensor, plan, cost in zip(tensors, plans, costs, strict=True)
         ]
         computed = await self._submit(served, items, caller)
 
@@ -306,6 +324,34 @@ class Runtime:
             await asyncio.gather(
                 *(render(j, c, g) for j, c, g in zip(jobs, computed, geometries, strict=True))
             )
+        )
+
+    def _check_time(
+        self, served: ServedModel, plans: Sequence[ExplainPlan], costs: Sequence[Cost]
+    ) -> None:
+        """Refuse, before anything is queued, long jobs predicted to outlast the deadline on
+        this model's device (from the measured seconds per forward pass and per ROAD solve);
+        the pass and solve caps stay as a second, hard bound."""
+        long = [(plan, cost) for plan, cost in zip(plans, costs, strict=True) if plan.long]
+        if not long:
+            return
+        pace = served.pace
+        seconds = sum(pace.seconds(cost, 1) for _, cost in long)
+        deadline = self._config.request_timeout_s
+        if seconds <= deadline:
+            return
+        plan = long[0][0]
+        method = get_method(plan.method)
+        passes = sum(cost.forward_passes for _, cost in long)
+        solves = sum(cost.cpu_solves for _, cost in long)
+        work = f"{passes} forward passes at {1000 * (pace.pass_s or 0.0):.0f} ms each"
+        if solves:
+            work += f" and {solves} ROAD solves"
+        raise InvalidParameterError(
+            f"This request would take about {seconds:.0f} s on model '{served.name}' ({work},"
+            f" as measured on its device); the deadline is {deadline:g} s. Use fewer images,"
+            " layers, classes or scores, a layer with fewer channels, or a gradient method.",
+            code=method.too_costly_code if method.needs_model else "scores_too_costly",
         )
 
     async def _prepare(

@@ -89,6 +89,15 @@ def test_describe_model_flags_random_weights(client: TestClient) -> None:
     }
 
 
+def test_describe_model_says_what_its_workers_are_busy_with(client: TestClient) -> None:
+    work = client.get("/v1/models/tiny").json()["work"]
+    assert work["queued"] == 0
+    assert work["long_jobs_running"] == 0
+    assert work["long_jobs_queued"] == 0
+    assert work["long_jobs_remaining_s"] == 0.0
+    assert 0 < work["forward_pass_s"] < 5  # timed on this machine after the warm-up
+
+
 def test_layers_of_a_cnn(client: TestClient) -> None:
     response = client.get("/v1/models/tiny/layers")
     assert response.status_code == 200, response.text

@@ -33,9 +33,9 @@ BATCH_S = 0.4  # every batch is held this long, so queueing is measured in batch
 def slow_batches() -> Iterator[None]:
     real = workers.run_group
 
-    def slow(replica: Any, group: list[Any], config: Any) -> Any:
+    def slow(replica: Any, group: list[Any], config: Any, *rest: Any) -> Any:
         time.sleep(BATCH_S)
-        return real(replica, group, config)
+        return real(replica, group, config, *rest)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(workers, "run_group", slow)

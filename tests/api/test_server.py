@@ -141,7 +141,10 @@ def test_bad_configuration_exits_2_with_a_clear_message(
 def test_sigterm_finishes_in_flight_requests_before_exiting(
     tmp_path: Path, make_image: Callable[..., bytes]
 ) -> None:
-    process, base, log = _start_server(tmp_path, max_batch_size="1", graceful_shutdown_s="60")
+    # Long jobs queue behind each other: a wait bound far off lets all four in at once.
+    process, base, log = _start_server(
+        tmp_path, max_batch_size="1", graceful_shutdown_s="60", max_queue_wait_ms="600000"
+    )
     image = make_image(50, 40)
 
     def explain_slowly() -> int:

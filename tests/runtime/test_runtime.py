@@ -86,11 +86,11 @@ class _Gate:
         self.batches: list[int] = []
         real = workers.run_group
 
-        def gated(replica: Any, group: list[Any], config: RuntimeConfig) -> Any:
+        def gated(replica: Any, group: list[Any], config: RuntimeConfig, *rest: Any) -> Any:
             self.open.wait(timeout=30)
             self.computed += len(group)
             self.batches.append(len(group))
-            return real(replica, group, config)
+            return real(replica, group, config, *rest)
 
         monkeypatch.setattr(workers, "run_group", gated)
 
@@ -206,11 +206,11 @@ def test_worker_fault_fails_only_its_batch_and_the_worker_carries_on(
     real = workers.run_group
     calls = {"n": 0}
 
-    def flaky(replica: Any, group: list[Any], config: RuntimeConfig) -> Any:
+    def flaky(replica: Any, group: list[Any], config: RuntimeConfig, *rest: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated CUDA failure at /secret/path.py")
-        return real(replica, group, config)
+        return real(replica, group, config, *rest)
 
     monkeypatch.setattr(workers, "run_group", flaky)
     metrics = Metrics()
@@ -239,11 +239,11 @@ def test_out_of_memory_batch_is_retried_image_by_image(monkeypatch: pytest.Monke
     real = workers.run_batch
     sizes: list[int] = []
 
-    def oom_on_batches(replica: Any, group: list[Any], config: RuntimeConfig) -> Any:
+    def oom_on_batches(replica: Any, group: list[Any], config: RuntimeConfig, *rest: Any) -> Any:
         sizes.append(len(group))
         if len(group) > 1:
             raise torch.cuda.OutOfMemoryError("simulated")
-        return real(replica, group, config)
+        return real(replica, group, config, *rest)
 
     monkeypatch.setattr(workers, "run_batch", oom_on_batches)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -269,11 +269,13 @@ def test_an_image_that_alone_runs_out_of_memory_fails_only_its_caller(
     real = workers.run_batch
     sizes: list[int] = []
 
-    def oom_on_batches_and_the_doomed_image(replica: Any, group: list[Any], config: Any) -> Any:
+    def oom_on_batches_and_the_doomed_image(
+        replica: Any, group: list[Any], config: Any, *rest: Any
+    ) -> Any:
         sizes.append(len(group))
         if len(group) > 1 or group[0].request.top_k == 2:  # top_k=2 marks the doomed image
             raise torch.cuda.OutOfMemoryError("simulated")
-        return real(replica, group, config)
+        return real(replica, group, config, *rest)
 
     monkeypatch.setattr(workers, "run_batch", oom_on_batches_and_the_doomed_image)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -431,9 +433,9 @@ def test_requests_predicted_to_wait_past_the_bound_are_refused_before_any_work(
 ) -> None:
     real = workers.run_group
 
-    def slow(replica: Any, group: list[Any], config: RuntimeConfig) -> Any:
+    def slow(replica: Any, group: list[Any], config: RuntimeConfig, *rest: Any) -> Any:
         time.sleep(0.3)
-        return real(replica, group, config)
+        return real(replica, group, config, *rest)
 
     monkeypatch.setattr(workers, "run_group", slow)
     metrics = Metrics()

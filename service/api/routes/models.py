@@ -85,7 +85,9 @@ def _model_info(runtime: Runtime, spec: ModelSpec) -> ModelInfo:
     status = runtime.statuses()[spec.name]
     if status.state == "ready":
         try:
-            return answers.model_info(runtime.model(spec.name), status.replicas)
+            return answers.model_info(
+                runtime.model(spec.name), status.replicas, runtime.work(spec.name)
+            )
         except ModelNotReadyError:
             pass  # shutting down
     return answers.pending_model_info(spec, status)
@@ -155,7 +157,9 @@ async def list_models(runtime: RuntimeDep) -> ModelList:
 async def describe_model(model: ModelName, runtime: RuntimeDep) -> ModelInfo:
     """Classes, preprocessing, default layer, device and weights (random ones are flagged)."""
     try:
-        return answers.model_info(runtime.model(model), runtime.statuses()[model].replicas)
+        return answers.model_info(
+            runtime.model(model), runtime.statuses()[model].replicas, runtime.work(model)
+        )
     except ModelNotReadyError:
         spec = next(spec for spec in runtime.specs() if spec.name == model)
         return _model_info(runtime, spec)

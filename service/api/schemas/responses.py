@@ -46,6 +46,26 @@ class PreprocessingSchema(BaseModel):
     )
 
 
+class WorkSchema(BaseModel):
+    """What the model's workers are busy with now."""
+
+    queued: int = Field(description="Images waiting for a worker, long jobs included.")
+    long_jobs_running: int = Field(
+        description="Long jobs (methods that run the model on perturbed inputs, such as"
+        " Score-CAM, and faithfulness scores) running now; they run in slices, other requests"
+        " are served between them."
+    )
+    long_jobs_queued: int
+    long_jobs_remaining_s: float = Field(
+        description="Predicted seconds of what remains of the long jobs running and queued."
+    )
+    forward_pass_s: float | None = Field(
+        default=None,
+        description="Seconds per forward pass on this device, as measured (the basis of the"
+        " predicted times and of the refusal of jobs that would outlast the deadline).",
+    )
+
+
 class ModelInfo(BaseModel):
     """A served model. Fields other than name, architecture and state are known once loaded."""
 
@@ -69,6 +89,7 @@ class ModelInfo(BaseModel):
     device: str | None = None
     replicas: int = 0
     weights: WeightsSchema | None = None
+    work: WorkSchema | None = Field(default=None, description="What its workers are busy with.")
 
 
 class ModelList(BaseModel):

@@ -5,10 +5,14 @@ the faithfulness scores do (:meth:`service.engine.faithfulness.scores.ScoreOptio
 :func:`check_cost` refuses, before anything is queued, a request whose count passes a cap. A
 new method that runs the model on perturbed inputs declares its passes and is capped with no
 further code.
+
+Costly work runs in chunks and calls a :data:`Checkpoint` before each one, so that the runtime
+can stop it when nobody waits for it and serve other callers in between.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.errors import InvalidParameterError
@@ -68,3 +72,19 @@ def check_cost(
             f" CPU) for this request{breakdown}; the limit is {limits.max_cpu_solves}. {advice}",
             code=code,
         )
+
+
+class WorkAbandoned(Exception):  # noqa: N818 (a signal, not a failure)
+    """Raised by a :data:`Checkpoint` to stop costly work that nobody waits for any more (its
+    caller gave up or its deadline passed); what was computed so far is dropped."""
+
+
+#: Called by the engine before each chunk of costly work (a batch of perturbed inputs, a
+#: set of ROAD solves) with what that chunk costs. It may raise :class:`WorkAbandoned` to stop
+#: the work, and it may run other work in between: the engine holds no hooks, no autocast
+#: and no inference mode across it.
+Checkpoint = Callable[[Cost], None]
+
+
+def no_checkpoint(_chunk: Cost) -> None:
+    """The checkpoint of work that runs to its end (local commands, tests)."""

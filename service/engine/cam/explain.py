@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from service.engine.cam.capture import LayerCapture
-from service.engine.cam.costs import Cost, CostLimits, check_cost
+from service.engine.cam.costs import Checkpoint, Cost, CostLimits, check_cost, no_checkpoint
 from service.engine.cam.methods import CamMethod, PerturbationContext, get_method
 from service.engine.models.layers import LayerInfo
 from service.engine.models.loaded import LoadedModel
@@ -205,8 +205,13 @@ def explain(
     *,
     perturbation_batch_size: int = 32,
     max_forward_passes: int | None = None,
+    checkpoint: Checkpoint = no_checkpoint,
 ) -> ExplainResult:
-    """Explain a batch (B, 3, H, W); ``requests[i]`` says what to explain for image ``i``."""
+    """Explain a batch (B, 3, H, W); ``requests[i]`` says what to explain for image ``i``.
+
+    A method that runs the model on perturbed inputs does it in batches of
+    ``perturbation_batch_size``, calling ``checkpoint`` before each (which may stop the call
+    with :class:`~service.engine.cam.costs.WorkAbandoned`)."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "explain() cannot run under torch.inference_mode(): CAM methods need gradients."
@@ -239,6 +244,7 @@ def explain(
             logits=logits,
             probabilities=probabilities.cpu(),
             perturbation_batch_size=perturbation_batch_size,
+            checkpoint=checkpoint,
         )
         rounds = max(len(t) for t in call.targets)  # 0: no class reached min_probability
         for r in range(rounds):
@@ -261,6 +267,7 @@ class _Call:
     logits: torch.Tensor  # (B, classes), in the graph when gradients are needed
     probabilities: torch.Tensor  # (B, classes) on the CPU
     perturbation_batch_size: int
+    checkpoint: Checkpoint = no_checkpoint
     maps: list[list[CamMap]] = field(default_factory=list)
     # Score-CAM: logits of one image's masked inputs at one layer serve every target class.
     masked_logits: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
@@ -271,7 +278,9 @@ class _Call:
         self.logits_cpu = self.logits.detach().float().cpu()
 
     def run_model(self, masked: torch.Tensor) -> torch.Tensor:
-        """Logits of perturbed inputs, no gradient bookkeeping (Score-CAM)."""
+        """Logits of perturbed inputs, no gradient bookkeeping (Score-CAM); the checkpoint
+        first, outside any mode or autocast."""
+        self.checkpoint(Cost(forward_passes=masked.shape[0]))
         with torch.inference_mode(), self.model.autocast():
             logits: torch.Tensor = self.model.module(masked)
         return logits

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.engine.cam.costs import Cost, CostLimits, check_cost
+from service.engine.cam.costs import Checkpoint, Cost, CostLimits, check_cost, no_checkpoint
 from service.engine.cam.explain import CamMap, ImageRequest
 from service.engine.faithfulness.imputation import impute_many
 from service.engine.models.loaded import LoadedModel
@@ -184,17 +184,20 @@ def score_maps(
     options: ScoreOptions,
     *,
     batch_size: int = 32,
+    checkpoint: Checkpoint = no_checkpoint,
 ) -> int:
     """Compute ``options``' scores of every map (``maps[i]`` explains ``inputs[i]``) into
     :attr:`CamMap.scores`; return the forward passes run (:meth:`ScoreOptions.passes`).
-    Perturbed inputs go through the model in batches of ``batch_size``."""
+    Perturbed inputs go through the model in batches of ``batch_size``; ``checkpoint`` is
+    called before each batch and before each map's ROAD solves (it may stop the work with
+    :class:`~service.engine.cam.costs.WorkAbandoned`)."""
     if len(maps) != inputs.shape[0]:
         raise ValueError(f"{inputs.shape[0]} images but {len(maps)} lists of maps")
     if not options.names:
         return 0
     names: set[str] = set(options.names)
     inputs = inputs.to(model.device).float()
-    prober = _Prober(model, batch_size)
+    prober = _Prober(model, batch_size, checkpoint)
     finishers: list[Callable[[], None]] = []
     blurred = _blur(inputs) if names & _CURVES else None
     for i, image_maps in enumerate(maps):
@@ -212,7 +215,7 @@ def score_maps(
             if names & _MULTIPLY:
                 finishers.append(_multiply(prober, cam, x, mask, names))
             if image_np is not None:
-                finishers.append(_road(prober, cam, image_np, options))
+                finishers.append(_road(prober, cam, image_np, options, checkpoint))
             if blurred is not None and blurred_p is not None:
                 column, values = blurred_p
                 finishers.append(
@@ -269,8 +272,10 @@ def _road(
     cam: CamMap,
     image: np.ndarray,
     options: ScoreOptions,
+    checkpoint: Checkpoint,
 ) -> Callable[[], None]:
     masks = road_masks(cam.input_map, options.road_percentiles)
+    checkpoint(Cost(cpu_solves=len(masks)))
     generator = torch.Generator().manual_seed(road_noise_seed(options.seed, cam))
     perturbed = []
     for known, filled in zip(masks, impute_many(image, masks), strict=True):
@@ -362,10 +367,13 @@ class _Prober:
     latest addition are held at a time.
     """
 
-    def __init__(self, model: LoadedModel, batch_size: int) -> None:
+    def __init__(
+        self, model: LoadedModel, batch_size: int, checkpoint: Checkpoint = no_checkpoint
+    ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self._model = model
+        self._checkpoint = checkpoint
         self._batch_size = batch_size
         self._rows: list[tuple[torch.Tensor, tuple[int, ...], np.ndarray, int]] = []
         self.passes = 0
@@ -387,6 +395,7 @@ class _Prober:
 
     def _run(self, size: int) -> None:
         rows, self._rows = self._rows[:size], self._rows[size:]
+        self._checkpoint(Cost(forward_passes=len(rows)))
         batch = torch.stack([row[0] for row in rows])
         with torch.inference_mode(), self._model.autocast():
             logits = self._model.module(batch)

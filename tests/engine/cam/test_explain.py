@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from service.engine.cam.costs import Cost, WorkAbandoned
 from service.engine.cam.explain import (
     CamMap,
     ImageRequest,
     PostProcess,
     explain,
+    explain_cost,
     postprocess,
     predict,
 )
@@ -525,3 +527,69 @@ def test_min_probability_above_every_class_explains_nothing(load_tiny: Loader) -
 def test_min_probability_outside_zero_to_one_is_an_invalid_parameter(value: float) -> None:
     with pytest.raises(InvalidParameterError, match="min_probability"):
         ImageRequest(min_probability=value)
+
+
+def _count_forwards(model: LoadedModel) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    """Rows of every forward pass of ``model``'s module, as they happen."""
+    rows: list[int] = []
+
+    def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        rows.append(int(args[0].shape[0]))
+
+    return rows, model.module.register_forward_pre_hook(hook)
+
+
+def test_scorecam_checks_in_before_each_masked_batch_with_the_cost_it_declared(
+    load_tiny: Loader,
+) -> None:
+    model = load_tiny("resnet18", channels=(16, 32, 64, 64), stem_width=16)
+    requests = [ImageRequest(layers=("layer4",), targets=(1, 2)), ImageRequest(layers=("layer3",))]
+    chunks: list[Cost] = []
+    explain(
+        model,
+        _inputs(model, 2),
+        requests,
+        method="scorecam",
+        perturbation_batch_size=24,
+        checkpoint=chunks.append,
+    )
+    # 64 channels at layer4 -> 24 + 24 + 16; 64 at layer3 -> the same; two targets share them.
+    assert [chunk.forward_passes for chunk in chunks] == [24, 24, 16] * 2
+    assert sum(chunk.forward_passes for chunk in chunks) == (
+        explain_cost(model, "scorecam", requests).forward_passes
+    )
+
+
+def test_a_checkpoint_that_abandons_stops_scorecam_before_its_next_masked_batch(
+    load_tiny: Loader,
+) -> None:
+    model = load_tiny("resnet18", channels=(16, 32, 64, 64), stem_width=16)
+    calls = 0
+
+    def checkpoint(_chunk: Cost) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise WorkAbandoned
+
+    rows, handle = _count_forwards(model)
+    try:
+        with pytest.raises(WorkAbandoned):
+            explain(
+                model,
+                _inputs(model, 1),
+                [ImageRequest(layers=("layer4",))],
+                method="scorecam",
+                perturbation_batch_size=8,
+                checkpoint=checkpoint,
+            )
+    finally:
+        handle.remove()
+    assert rows == [1, 8]  # the image's forward pass and one masked batch, of 8 needed
+
+
+def test_gradient_methods_never_check_in(load_tiny: Loader) -> None:
+    model = load_tiny("resnet18", channels=(16, 32, 64, 64), stem_width=16)
+    chunks: list[Cost] = []
+    explain(model, _inputs(model, 2), [ImageRequest(top_k=3)] * 2, checkpoint=chunks.append)
+    assert chunks == []

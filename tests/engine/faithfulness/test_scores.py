@@ -33,6 +33,7 @@ from pytorch_grad_cam.metrics.cam_mult_image import (
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from scipy.ndimage import gaussian_filter
 
+from service.engine.cam.costs import Cost, WorkAbandoned
 from service.engine.cam.explain import CamMap, ImageRequest, explain
 from service.engine.faithfulness.scores import (
     SCORE_NAMES,
@@ -312,3 +313,40 @@ def test_scores_on_cuda_match_the_cpu(
     for a, b in zip(cpu, cuda, strict=True):
         for name in SCORE_NAMES:
             assert a[name] == pytest.approx(b[name], abs=1e-3), name
+
+
+def test_scores_check_in_before_each_batch_and_each_maps_solves_with_their_declared_cost(
+    shapes_model: LoadedModel, case: tuple[torch.Tensor, list[int], list[CamMap]]
+) -> None:
+    x, _, maps = case
+    x, maps = x[:3], maps[:3]
+    options = ScoreOptions(names=SCORE_NAMES, road_percentiles=(30, 70), curve_step=0.25)
+    chunks: list[Cost] = []
+    _scored(shapes_model, x, maps, options, batch_size=5, checkpoint=chunks.append)
+    passes = [chunk.forward_passes for chunk in chunks if chunk.forward_passes]
+    solves = [chunk.cpu_solves for chunk in chunks if chunk.cpu_solves]
+    assert max(passes) == 5
+    assert options.cost(maps=3, images=3) == Cost(
+        forward_passes=sum(passes), cpu_solves=sum(solves)
+    )
+    assert solves == [4, 4, 4]  # MoRF and LeRF at two percentiles, one map at a time
+
+
+def test_a_checkpoint_that_abandons_stops_the_scores_before_another_batch_runs(
+    shapes_model: LoadedModel, case: tuple[torch.Tensor, list[int], list[CamMap]]
+) -> None:
+    x, _, maps = case
+    options = ScoreOptions(names=("deletion", "insertion"), curve_step=0.1)
+    batches = 0
+
+    def checkpoint(chunk: Cost) -> None:
+        nonlocal batches
+        if chunk.forward_passes:
+            batches += 1
+        if batches == 3:
+            raise WorkAbandoned
+
+    with pytest.raises(WorkAbandoned):
+        _scored(shapes_model, x, maps, options, batch_size=4, checkpoint=checkpoint)
+    assert batches == 3
+    assert all(not cam.scores for cam in maps)  # nothing half-scored is filed

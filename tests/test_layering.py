@@ -59,14 +59,16 @@ def test_engine_modules_import_no_runtime_api_or_web_framework(module: str) -> N
 
 #: The engine's rooms and the rooms each may use: what a model is at the bottom, the CAM
 #: methods on it, the faithfulness scores on the maps; pictures draw decoded images; loading
-#: puts a model together (and warms it up with one explanation); plan resolves a request.
+#: puts a model together (and warms it up with one explanation), asking hub whether weights can
+#: be downloaded; plan resolves a request.
 ENGINE_ROOMS: dict[str, set[str]] = {
+    "hub": set(),
     "models": set(),
     "imaging": set(),
     "cam": {"models"},
     "faithfulness": {"models", "cam"},
     "pictures": {"imaging"},
-    "loading": {"models", "cam"},
+    "loading": {"models", "cam", "hub"},
     "plan": {"models", "cam", "faithfulness"},
 }
 

@@ -173,13 +173,8 @@ def top_predictions(model: LoadedModel, probabilities: np.ndarray, k: int) -> li
 
 
 def weights_warnings(model: LoadedModel) -> list[str]:
-    if not model.weights.random:
-        return []
-    why = f" ({model.weights.note})" if model.weights.note else ""
-    return [
-        f"Model '{model.name}' runs with RANDOM weights{why}: its predictions and explanations"
-        " are meaningless."
-    ]
+    warning = model.weights.random_warning(model.name, "predictions and explanations")
+    return [] if warning is None else [warning]
 
 
 def map_warnings(cam: CamMap, label: str) -> list[str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Final
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -41,6 +41,9 @@ from service.errors import ServiceError
 from service.metrics import Metrics
 
 access_logger = logging.getLogger("service.access")
+#: Polled every few seconds by orchestrators and the README's start loop: their lines go to
+#: DEBUG, where they do not bury the requests (a probe that fails with a 500 still warns).
+PROBE_PATHS: Final = frozenset({"/livez", "/readyz"})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -269,8 +272,14 @@ class ObservabilityMiddleware:
                 keyed = caller if caller and caller.startswith(KEY_CALLER) else "-"
                 self.metrics.caller_requests_total.labels(keyed, str(status)).inc()
             path = template if template != "unmatched" else str(scope.get("path", ""))[:200]
+            if status >= 500 and status not in (503, 504):
+                level = logging.WARNING
+            elif template in PROBE_PATHS:
+                level = logging.DEBUG
+            else:
+                level = logging.INFO
             access_logger.log(
-                logging.WARNING if status >= 500 and status not in (503, 504) else logging.INFO,
+                level,
                 "method=%s path=%s status=%d duration_ms=%.1f model=%s images=%s caller=%s",
                 method,
                 _quoted(path),

@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
+import sys
+import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -66,4 +70,27 @@ def serve() -> int:
         access_log=False,  # the app logs one line per request itself (service.access)
         timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
     )
+    _exit_without_waiting_for_loads()
     return 0
+
+
+def _exit_without_waiting_for_loads(grace_s: float = 0.5) -> None:
+    """After the graceful shutdown nothing is served any more, but a model still loading (a
+    download, a large checkpoint) keeps its thread busy, and the interpreter joins such threads
+    before it exits: a SIGTERM during loading lived on for the whole load. Busy threads get
+    ``grace_s``; then the process exits at once, its logs flushed."""
+    deadline = time.monotonic() + grace_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    busy = [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.current_thread() and not t.daemon and t.is_alive()
+    ]
+    if busy:
+        logger.info("exiting without waiting for %s (a model still loading)", ", ".join(busy))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from service.engine.cam.explain import ImageRequest, explain
+from service.engine.hub import cache_only, hub_access
 from service.engine.models.layers import default_layer_name, discover_layers
 from service.engine.models.loaded import LoadedModel, WeightsInfo, WeightsSource
 from service.engine.models.preprocess import SUPPORTED_CHANNELS, PreprocessConfig
@@ -141,32 +142,60 @@ def _create_random(spec: ModelSpec) -> nn.Module:
         return _create(spec, pretrained=False)
 
 
+def _first_sentence(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    end = text.find(". ")
+    return (text if end < 0 else text[:end]).rstrip(".")
+
+
+def _build_from_hub(spec: ModelSpec) -> tuple[nn.Module, WeightsInfo]:
+    """timm's pretrained weights: downloaded when the hub answers, else from the local cache
+    only (see :mod:`service.engine.hub`); where neither has them, random weights when the
+    entry allows it, said in one warning line."""
+    access = hub_access()
+    try:
+        if access.online:
+            model = _create(spec, pretrained=True)
+        else:
+            with cache_only():
+                model = _create(spec, pretrained=True)
+            logger.info(
+                "model %s: hub weights for %s from the local cache (%s)",
+                spec.name,
+                spec.architecture,
+                access.reason,
+            )
+        return model, WeightsInfo("hub", location=spec.architecture)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        if access.online:
+            why = f"{type(exc).__name__}: {_first_sentence(exc)}"
+        else:
+            why = f"{access.reason} and they are not in the local cache"
+        if not spec.fallback_to_random:
+            raise ModelLoadError(
+                f"Model '{spec.name}': hub weights for '{spec.architecture}' could not be"
+                f" loaded: {why}. Provide a local weights file, or set fallback_to_random to"
+                " try the API with random weights."
+            ) from exc
+        logger.warning(
+            "model %s: RANDOM WEIGHTS in use (seeded from the model's name, the same on every"
+            " start), predictions and explanations are meaningless. Hub weights for %s"
+            " unavailable: %s.",
+            spec.name,
+            spec.architecture,
+            why,
+        )
+        note = f"fell back to random: hub weights unavailable, {why}"
+        return _create_random(spec), WeightsInfo("random", note=note)
+
+
 def _build(spec: ModelSpec) -> tuple[nn.Module, WeightsInfo]:
     if spec.weights == "random":
         return _create_random(spec), WeightsInfo("random", note="requested")
     if spec.weights == "hub":
-        try:
-            return _create(spec, pretrained=True), WeightsInfo("hub", location=spec.architecture)
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            if not spec.fallback_to_random:
-                raise ModelLoadError(
-                    f"Model '{spec.name}': hub weights for '{spec.architecture}' could not be"
-                    f" loaded ({type(exc).__name__}). Provide a local weights file, or set"
-                    " fallback_to_random to try the API with random weights."
-                ) from exc
-            logger.warning(
-                "model %s: hub weights for %s unavailable (%s: %s); RANDOM WEIGHTS in use"
-                " (seeded from the model's name, the same on every start) - predictions and"
-                " explanations are meaningless",
-                spec.name,
-                spec.architecture,
-                type(exc).__name__,
-                str(exc).splitlines()[0][:200] if str(exc) else "",
-            )
-            note = f"hub weights unavailable ({type(exc).__name__}); fell back to random"
-            return _create_random(spec), WeightsInfo("random", note=note)
+        return _build_from_hub(spec)
     path = Path(spec.weights)
     model = _create(spec, pretrained=False)
     state = _read_checkpoint(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections import defaultdict
@@ -55,18 +56,21 @@ def load_configured_model(
                 f"No configured model is named '{name}'; there are: {', '.join(names)}."
             )
         spec = matching[0]
-    model = load_model(
-        spec,
-        resolve_device(device or settings.device),
-        autocast_dtype=AUTOCAST_DTYPES[settings.autocast],
-    )
-    if model.weights.random:
-        why = f" ({model.weights.note})" if model.weights.note else ""
-        print(
-            f"warning: model '{model.name}' runs with RANDOM weights{why}: its maps and scores"
-            " are meaningless.",
-            file=sys.stderr,
+    # The command says it once, below, in its own words; the loader's log line would repeat it.
+    loading_logger = logging.getLogger("service.engine.loading")
+    level = loading_logger.level
+    loading_logger.setLevel(logging.ERROR)
+    try:
+        model = load_model(
+            spec,
+            resolve_device(device or settings.device),
+            autocast_dtype=AUTOCAST_DTYPES[settings.autocast],
         )
+    finally:
+        loading_logger.setLevel(level)
+    warning = model.weights.random_warning(model.name, "maps and scores")
+    if warning is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     return model
 
 

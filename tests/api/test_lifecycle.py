@@ -216,6 +216,23 @@ def test_access_log_one_line_per_request(
     assert float(fields["duration_ms"]) > 0
 
 
+def test_probes_are_logged_at_debug_so_polling_does_not_bury_the_requests(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="service.access"):
+        assert client.get("/livez").status_code == 200
+        client.get("/readyz")
+        assert client.get("/v1/models").status_code == 200
+    levels = {
+        r.getMessage().split()[1]: r.levelno for r in caplog.records if r.name == "service.access"
+    }
+    assert levels == {
+        "path=/livez": logging.DEBUG,
+        "path=/readyz": logging.DEBUG,
+        "path=/v1/models": logging.INFO,
+    }
+
+
 def test_openapi_and_docs_are_served(client: TestClient) -> None:
     assert client.get("/openapi.json").status_code == 200
     assert client.get("/docs").status_code == 200

@@ -185,3 +185,87 @@ def test_sigterm_finishes_in_flight_requests_before_exiting(
             process.kill()
             process.wait()
         log.close()
+
+
+def _start_with_hub_model(
+    tmp_path: Path, endpoint: str
+) -> tuple[subprocess.Popen[str], str, TextIO]:
+    """The server with one model on hub weights, the hub at ``endpoint``."""
+    port = _free_port()
+    hub_model = TINY | {"weights": "hub", "fallback_to_random": True}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("GRADCAM_", "HF_", "HTTPS_PROXY", "https_proxy"))
+    } | {
+        "GRADCAM_PORT": str(port),
+        "GRADCAM_DEVICE": "cpu",
+        "GRADCAM_MODELS": json.dumps([hub_model]),
+        "HF_ENDPOINT": endpoint,
+        "HF_HUB_CACHE": str(tmp_path / "hub-cache"),
+    }
+    log = (tmp_path / "server.log").open("w+")
+    process = subprocess.Popen(
+        [str(SCRIPT)], env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    return process, f"http://127.0.0.1:{port}", log
+
+
+def _stop(process: subprocess.Popen[str], log: TextIO) -> str:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    log.seek(0)
+    output = log.read()
+    log.close()
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="gradcam-service is not installed (pip -e .)")
+def test_an_unreachable_hub_costs_no_retries_and_one_warning_line(tmp_path: Path) -> None:
+    process, base, log = _start_with_hub_model(tmp_path, f"http://127.0.0.1:{_free_port()}")
+    try:
+        started = time.monotonic()
+        _wait_ready(base, process)
+        ready_s = time.monotonic() - started
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        output = _stop(process, log)
+    assert ready_s < 40, f"ready after {ready_s:.1f} s: the hub's retries took about 47 s"
+    warnings = [line for line in output.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, output
+    assert "RANDOM WEIGHTS" in warnings[0]
+    assert "127.0.0.1 cannot be reached" in warnings[0]
+    assert "Retrying" not in output
+    assert "Loading pretrained weights from Hugging Face hub" not in output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="gradcam-service is not installed (pip -e .)")
+def test_sigterm_while_a_model_loads_exits_within_three_seconds(tmp_path: Path) -> None:
+    # A hub that accepts connections and never answers: the download hangs for minutes.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    process, base, log = _start_with_hub_model(
+        tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}"
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "Application startup complete" not in (tmp_path / "server.log").read_text():
+            assert time.monotonic() < deadline, "the server did not start"
+            assert process.poll() is None, "the server exited"
+            time.sleep(0.1)
+        time.sleep(1.0)  # the model's thread is inside the hub download now
+        assert httpx.get(f"{base}/readyz", timeout=5).status_code == 503
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert time.monotonic() - sent < 3
+    finally:
+        silent.close()
+        output = _stop(process, log)
+    assert "exiting without waiting for gradcam-tiny" in output, output
+    assert "Traceback" not in output, output

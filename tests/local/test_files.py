@@ -35,3 +35,29 @@ def test_method_names_stay_apart_in_file_names() -> None:
     assert is_picture(Path("im0.png.layercam.layer4.crane.134.overlay.png"))
     assert not is_picture(Path("beach.overlay.png"))  # the user's, not named as ours
     assert not is_picture(Path("im0.gradcam.layer4.cat.npy.png"))
+
+
+def test_random_weights_from_an_unreachable_hub_are_said_once_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    from service.engine import loading
+    from service.engine.hub import HubAccess
+    from service.local.files import load_configured_model
+    from service.settings import Settings
+
+    tiny = {"name": "tiny", "architecture": "resnet18", "num_classes": 2, "weights": "hub"}
+    monkeypatch.setenv("GRADCAM_MODELS", json.dumps([tiny | {"fallback_to_random": True}]))
+    monkeypatch.setattr(
+        loading, "hub_access", lambda: HubAccess(False, "huggingface.co cannot be reached")
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    model = load_configured_model(Settings(), None, "cpu")
+    assert model.weights.random
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [
+        "warning: Model 'tiny' runs with RANDOM weights: its maps and scores are meaningless."
+        " Fell back to random: hub weights unavailable, huggingface.co cannot be reached and"
+        " they are not in the local cache."
+    ]

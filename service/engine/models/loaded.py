@@ -33,6 +33,16 @@ class WeightsInfo:
     def random(self) -> bool:
         return self.source == "random"
 
+    def random_warning(self, model: str, what: str) -> str | None:
+        """The one sentence every caller shows for random weights (``what``: what is
+        meaningless for that caller), with the reason they are random; None for real weights."""
+        if not self.random:
+            return None
+        sentence = f"Model '{model}' runs with RANDOM weights: its {what} are meaningless."
+        if self.note and self.note != "requested":
+            sentence += f" {self.note[0].upper()}{self.note[1:]}."
+        return sentence
+
 
 @dataclass
 class LoadedModel:

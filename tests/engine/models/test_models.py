@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from timm.data import resolve_model_data_config
 
+from service.engine import loading
+from service.engine.hub import HubAccess
 from service.engine.loading import load_model
 from service.engine.models.loaded import LoadedModel
 from service.engine.models.preprocess import Geometry, PreprocessConfig, map_to_original, preprocess
@@ -157,7 +160,9 @@ def test_unknown_architecture_is_a_load_error() -> None:
 
 @pytest.fixture
 def hub_offline(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Make ``pretrained=True`` fail at once, as it does with no network and no cache."""
+    """The hub answers the reachability check but ``pretrained=True`` fails (a download that
+    breaks off)."""
+    monkeypatch.setattr(loading, "hub_access", lambda: HubAccess(True))
     calls: list[bool] = []
     real_create = timm.create_model
 
@@ -192,6 +197,65 @@ def test_unavailable_hub_weights_fall_back_to_random_when_allowed_and_say_so(
     assert model.weights.note is not None
     assert "fell back to random" in model.weights.note
     assert "RANDOM WEIGHTS" in caplog.text
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No hub, and an empty Hugging Face cache in ``tmp_path`` (the real libraries run)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(
+        loading,
+        "hub_access",
+        lambda: HubAccess(False, "huggingface.co cannot be reached (Name or service not known)"),
+    )
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_an_unreachable_hub_falls_back_at_once_with_one_warning_that_says_why(
+    hub_unreachable: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO):
+        model = load_model(_spec("hub", fallback_to_random=True), CPU)
+    assert time.monotonic() - started < 10  # hub retries took about 47 s
+    assert model.weights.random
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    line = warnings[0].getMessage()
+    assert "RANDOM WEIGHTS" in line
+    assert "huggingface.co cannot be reached (Name or service not known)" in line
+    assert "not in the local cache" in line
+    assert "seeded from the model's name" in line
+    assert "Loading pretrained weights from Hugging Face hub" not in caplog.text
+
+
+def test_an_unreachable_hub_still_loads_weights_from_the_local_cache(
+    hub_unreachable: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    trained = timm.create_model("resnet18", num_classes=10, **SMALL)
+    commit = "0" * 40
+    repo = hub_unreachable / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file(trained.state_dict(), str(repo / "snapshots" / commit / "model.safetensors"))
+    with caplog.at_level(logging.INFO, logger="service.engine.loading"):
+        model = load_model(_spec("hub"), CPU)
+    assert model.weights.source == "hub"
+    assert not model.weights.random
+    conv = model.module.get_submodule("conv1").weight
+    assert torch.equal(conv, trained.get_submodule("conv1").weight)
+    assert "from the local cache" in caplog.text
+
+
+def test_the_hub_library_is_left_online_after_a_cache_only_load(hub_unreachable: Path) -> None:
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    load_model(_spec("hub", fallback_to_random=True), CPU)
+    assert before == constants.HF_HUB_OFFLINE
 
 
 def test_random_weights_are_reported_as_requested(load_tiny: Loader) -> None:

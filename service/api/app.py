@@ -32,7 +32,7 @@ from service.api.middleware import (
     UploadLimitMiddleware,
 )
 from service.api.problems import install_problem_handlers
-from service.api.routes import health, models, page
+from service.api.routes import docs, health, models, page
 from service.metrics import Metrics
 from service.runtime.runtime import Runtime
 from service.settings import Settings, get_settings
@@ -141,6 +141,10 @@ def create_app(
         openapi_tags=TAGS,
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
+        # /docs and /redoc with their assets from the package (service.api.routes.docs), not
+        # FastAPI's, which load them from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.keys = keys
@@ -153,6 +157,7 @@ def create_app(
     app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(page.router)
+    app.include_router(docs.router)
     # Added innermost first: the last one added wraps all the others.
     app.add_middleware(ProblemGuardMiddleware)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)

@@ -169,9 +169,11 @@ class Batcher(Generic[T, R]):
         items and, from every other lane, at most as many items as its own position; they fill
         whole batches, each taking the measured time per item times the batch size, after the
         batch being handled, shared by the worker loops. A solo job that is running delays a
-        batch by at most one of its slices. New solo items (``solo_s`` > 0, each predicted to
-        take that long) wait besides for the solo work running and queued, and for each other.
-        An idle batcher predicts 0.
+        batch by at most one of its slices. New solo items (``solo_s`` > 0) wait besides for the
+        solo work running and queued, not for each other: this bound is about the work of
+        others, and a request's own length is bounded by its deadline, checked before it is
+        queued. An idle batcher predicts 0, whatever the request (a lone caller is never told
+        to retry a request that retrying cannot make shorter).
         """
         pending = Counter(
             {key: sum(not entry.solo for entry in items) for key, items in self._lanes.items()}
@@ -186,7 +188,7 @@ class Batcher(Generic[T, R]):
         loops = max(1, self._loops)
         wait = batches * self.max_batch_size * self.item_seconds / loops
         if solo_s > 0:
-            return wait + (self.solo_backlog_s() + (count - 1) * solo_s) / loops
+            return wait + self.solo_backlog_s() / loops
         return wait + (self.slice_s if self.solo_running else 0.0)
 
     @property

@@ -230,6 +230,7 @@ PUBLIC_ROUTES = {
     "/openapi.json",
     "/docs",
     "/docs/oauth2-redirect",
+    "/docs/assets/{name}",
     "/redoc",
 }
 

@@ -419,6 +419,32 @@ def test_an_undecodable_upload_shows_the_error_as_a_sentence(session: Session) -
     assert not script_errors
 
 
+def test_an_overload_says_when_to_retry_once(session: Session, square: bytes) -> None:
+    problem = {
+        "type": "urn:gradcam-service:problem:overloaded",
+        "title": "Service overloaded",
+        "status": 429,
+        "detail": "Model 'shapes' is busy: this request would wait about 2.4 s (limit 2 s);"
+        " retry after 1 s.",
+        "code": "overloaded",
+    }
+
+    def refuse(route: Any) -> None:
+        route.fulfill(
+            status=429,
+            headers={"Content-Type": "application/problem+json", "Retry-After": "1"},
+            body=json.dumps(problem),
+        )
+
+    session.page.route("**/v1/models/shapes/explain", refuse)
+    session.upload(square, explained=False)
+    error = session.page.locator("[data-testid=error]")
+    error.wait_for(state="visible")
+    text = error.inner_text()
+    assert "would wait about 2.4 s" in text
+    assert text.lower().count("retry after") + text.lower().count("try again") == 1, text
+
+
 def test_a_dicom_upload_is_shown_windowed_and_explained(
     session: Session, dicom_factory: Callable[..., bytes]
 ) -> None:
@@ -665,3 +691,39 @@ def test_a_page_on_an_allowed_origin_calls_the_api(browser: Browser, servers: Se
 def test_a_page_on_another_origin_is_refused(browser: Browser, servers: Servers) -> None:
     answer = _fetch_from(browser, servers.other, f"{servers.base}/v1/models/shapes/explain")
     assert "failed" in answer, answer
+
+
+@pytest.mark.parametrize(
+    ("path", "operation"),
+    [("/docs", ".opblock-summary-path"), ("/redoc", "[data-section-id^='operation']")],
+)
+def test_the_api_documentation_works_with_the_network_blocked(
+    browser: Browser, servers: Servers, artifacts: Path, path: str, operation: str
+) -> None:
+    context = browser.new_context(viewport=DESKTOP)  # type: ignore[arg-type]
+    elsewhere: list[str] = []
+
+    def only_this_service(route: Any) -> None:
+        if route.request.url.startswith(servers.base + "/"):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_this_service)
+    errors: list[str] = []
+    try:
+        page = context.new_page()
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(servers.base + path)
+        page.wait_for_selector(operation, timeout=30_000)
+        listed = page.locator(operation).all_inner_texts()
+        shot = artifacts / f"api-docs-{path.strip('/')}.png"
+        page.screenshot(path=str(shot))
+        print(f"screenshot: {shot}")
+    finally:
+        context.close()
+    assert elsewhere == []
+    assert errors == []
+    assert len(listed) >= 5, listed
+    assert any("explain" in text.lower() for text in listed), listed

@@ -341,3 +341,11 @@ def test_a_cancelled_callers_items_leave_the_queue_at_once() -> None:
         return held, batcher.depth
 
     assert _run(scenario()) == (2, 2)
+
+
+def test_a_lone_request_of_long_jobs_is_never_refused_for_its_own_length() -> None:
+    batcher = _batcher(max_wait_s=2.0)
+    # Three long jobs of 5 s each: the request lasts 15 s, but nothing is ahead of it (its
+    # length is the deadline's business, checked before queueing; a 429 could not help).
+    assert batcher.predicted_wait_s(3, lane="a", solo_s=5.0) == 0.0
+    assert batcher.admit(3, lane="a", solo_s=5.0) == 0.0

@@ -89,7 +89,9 @@ async def _with_runtime(
         await runtime.stop()
 
 
-CONFIG = RuntimeConfig(perturbation_batch_size=CHUNK, max_batch_size=4)
+# A slice far longer than a chunk (about 50 ms, the hook's sleep): chunks stay CHUNK rows, told
+# apart from single-image passes, even when a loaded machine makes the first pass look slow.
+CONFIG = RuntimeConfig(perturbation_batch_size=CHUNK, max_batch_size=4, work_slice_ms=500)
 
 
 def test_an_abandoned_scorecam_request_stops_within_a_chunk_and_frees_the_worker() -> None:

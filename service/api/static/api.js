@@ -60,7 +60,8 @@ async function errorOf(response) {
       ? " Enter another one in the API key field."
       : " Enter it in the API key field, then press Use key.";
   }
-  sentence += retryHint(response);
+  // The service's own sentence may already say when to retry ("retry after 1 s."): once only.
+  if (!/\bretry after\b/i.test(sentence)) sentence += retryHint(response);
   return new ApiError(title, sentence, {
     status: response.status,
     code: problem ? problem.code : null,

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -42,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import emit, free_port, jpeg, stop, wait_ready  # noqa: E402
+from bench.serve_bench import emit, jpeg, running_service  # noqa: E402
 
 MODEL = {"name": "resnet50", "architecture": "resnet50", "weights": "random"}
 SCORES = ["confidence_change", "drop", "increase", "road", "deletion", "insertion"]
@@ -60,24 +58,8 @@ JOBS: dict[str, dict[str, object]] = {
 
 @contextmanager
 def server(device: str, **settings: str) -> Iterator[str]:
-    port = free_port()
-    env = dict(
-        os.environ,
-        GRADCAM_PORT=str(port),
-        GRADCAM_DEVICE=device,
-        GRADCAM_MODELS=json.dumps([MODEL]),
-        GRADCAM_LOG_LEVEL="warning",
-        HF_HUB_OFFLINE="1",
-        **{f"GRADCAM_{key.upper()}": value for key, value in settings.items()},
-    )
-    command = [str(Path(sys.executable).with_name("gradcam-service"))]
-    process = subprocess.Popen(command, env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, process)
+    with running_service(device, [MODEL], **settings) as (base, _):
         yield base
-    finally:
-        stop(process)
 
 
 async def predicts(base: str, image: bytes, count: int) -> list[float]:
@@ -101,7 +83,8 @@ async def long_running(base: str) -> int:
         return int(work["long_jobs_running"])
 
 
-async def refused(base: str, image: bytes, job: dict[str, object]) -> tuple[int, float, str]:
+async def explain_once(base: str, image: bytes, job: dict[str, object]) -> tuple[int, float, str]:
+    """One explain of ``job``, alone: (status, seconds, the problem's detail if refused)."""
     async with httpx.AsyncClient(timeout=600.0) as client:
         started = time.perf_counter()
         response = await client.post(
@@ -110,7 +93,8 @@ async def refused(base: str, image: bytes, job: dict[str, object]) -> tuple[int,
             data=form(job),
         )
         seconds = time.perf_counter() - started
-        return response.status_code, seconds, response.json().get("detail", "")
+        detail = "" if response.is_success else response.json().get("detail", "")
+        return response.status_code, seconds, detail
 
 
 async def during(
@@ -119,15 +103,7 @@ async def during(
     """Predict latencies while ``job`` runs, then the seconds from its client leaving to the
     worker being free."""
 
-    async def heavy() -> None:
-        async with httpx.AsyncClient(timeout=600.0) as client:
-            await client.post(
-                f"{base}/v1/models/resnet50/explain",
-                files={"image": ("x.jpg", image, "image/jpeg")},
-                data=form(job),
-            )
-
-    task = asyncio.create_task(heavy())
+    task = asyncio.create_task(explain_once(base, image, job))
     deadline = time.monotonic() + 60
     while await long_running(base) == 0:
         if time.monotonic() > deadline or task.done():
@@ -150,18 +126,6 @@ def form(job: dict[str, object]) -> dict[str, object]:
     return data
 
 
-async def alone(base: str, image: bytes, job: dict[str, object]) -> float:
-    async with httpx.AsyncClient(timeout=600.0) as client:
-        started = time.perf_counter()
-        response = await client.post(
-            f"{base}/v1/models/resnet50/explain",
-            files={"image": ("x.jpg", image, "image/jpeg")},
-            data=form(job),
-        )
-        response.raise_for_status()
-        return time.perf_counter() - started
-
-
 async def slices(device: str, count: int, values: list[float], image: bytes) -> str:
     heavy = JOBS["Score-CAM, layer4 (2048 passes)"]
     short = {"method": "scorecam", "layer": "layer2"}
@@ -176,7 +140,8 @@ async def slices(device: str, count: int, values: list[float], image: bytes) -> 
             await predicts(base, image, 3)
             idle = await predicts(base, image, count)
             busy, _ = await during(base, image, heavy, count)
-            seconds = await alone(base, image, short)
+            status, seconds, detail = await explain_once(base, image, short)
+            assert status == 200, detail
             rows.append(
                 f"| {value:g} | {ms(idle, 95):.0f} | {ms(busy, 50):.0f} / {ms(busy, 95):.0f}"
                 f" | {ms(busy, 95) / ms(idle, 95):.2f}x | {seconds:.1f} s |"
@@ -198,7 +163,7 @@ async def measure(device: str, count: int, values: list[float]) -> str:
     image = jpeg(1)
     rows = []
     with server(device) as base:
-        refusals = {name: await refused(base, image, job) for name, job in JOBS.items()}
+        refusals = {name: await explain_once(base, image, job) for name, job in JOBS.items()}
     with server(device, request_timeout_s="600", max_queue_wait_ms="600000") as base:
         await predicts(base, image, 3)  # warm
         idle = await predicts(base, image, count)

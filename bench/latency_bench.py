@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
 import platform
 import subprocess
@@ -46,12 +45,10 @@ sys.path.insert(0, str(ROOT))
 from bench.serve_bench import (  # noqa: E402
     emit,
     explain_seconds,
-    free_port,
     jpeg,
     load,
     rss_mb,
-    stop,
-    wait_ready,
+    running_service,
 )
 
 MODEL = {"name": "resnet50", "architecture": "resnet50", "weights": "random"}
@@ -78,25 +75,14 @@ def server(
     device: str, batch: int, **settings: str
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """The README's server on a free port with resnet50; yields (base URL, process)."""
-    port = free_port()
-    env = dict(
-        os.environ,
-        GRADCAM_PORT=str(port),
-        GRADCAM_DEVICE=device,
-        GRADCAM_MODELS=json.dumps([MODEL]),
-        GRADCAM_MAX_BATCH_SIZE=str(batch),
-        GRADCAM_LOG_LEVEL="warning",
-        GRADCAM_MAX_UPLOAD_BYTES=str(64 * 1024 * 1024),
-        **{f"GRADCAM_{key.upper()}": value for key, value in settings.items()},
-    )
-    command = [str(Path(sys.executable).with_name("gradcam-service"))]
-    process = subprocess.Popen(command, env=env, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, process)
-        yield base, process
-    finally:
-        stop(process)
+    with running_service(
+        device,
+        [MODEL],
+        max_batch_size=str(batch),
+        max_upload_bytes=str(64 * 1024 * 1024),
+        **settings,
+    ) as served:
+        yield served
 
 
 def in_process(device: str, batch: int, repeats: int) -> tuple[float, float]:

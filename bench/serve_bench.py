@@ -27,7 +27,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -132,6 +133,32 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@contextmanager
+def running_service(
+    device: str, models: list[dict[str, object]], **settings: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The README's ``gradcam-service`` on a free port serving ``models`` on ``device``, logs
+    at warning, each ``settings`` entry as ``GRADCAM_<KEY>``; yields (base URL, process) once
+    ready, and stops it after."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        GRADCAM_PORT=str(port),
+        GRADCAM_DEVICE=device,
+        GRADCAM_MODELS=json.dumps(models),
+        GRADCAM_LOG_LEVEL="warning",
+        **{f"GRADCAM_{key.upper()}": value for key, value in settings.items()},
+    )
+    command = [str(Path(sys.executable).with_name("gradcam-service"))]
+    process = subprocess.Popen(command, env=env, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, process)
+        yield base, process
+    finally:
+        stop(process)
 
 
 async def load(

@@ -15,8 +15,6 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -59,21 +57,28 @@ def _connect(host: str, port: int, timeout_s: float) -> None:
 
 
 def check_hub(timeout_s: float = CHECK_TIMEOUT_S) -> HubAccess:
-    """One connection attempt, bounded by ``timeout_s`` in all (a name lookup that hangs
-    included: it runs in a daemon thread that is left behind)."""
+    """One connection attempt, bounded by ``timeout_s`` in all, a name lookup that hangs
+    included: it runs in a daemon thread, left behind if it outlasts the bound (a pool's
+    worker would be joined at exit and hold the process up)."""
     if (os.environ.get("HF_HUB_OFFLINE") or "").strip().lower() in _TRUE:
         return HubAccess(False, "HF_HUB_OFFLINE is set")
     host, port, what = _target()
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-check")
-    try:
-        pool.submit(_connect, host, port, timeout_s).result(timeout=timeout_s)
-    except FutureTimeout:
+    failure: list[OSError] = []
+
+    def attempt() -> None:
+        try:
+            _connect(host, port, timeout_s)
+        except OSError as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=attempt, name="hub-check", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
         return HubAccess(False, f"{what} did not answer within {timeout_s:g} s")
-    except OSError as exc:
-        detail = exc.strerror or type(exc).__name__
+    if failure:
+        detail = failure[0].strerror or type(failure[0]).__name__
         return HubAccess(False, f"{what} cannot be reached ({detail})")
-    finally:
-        pool.shutdown(wait=False)
     return HubAccess(True)
 
 

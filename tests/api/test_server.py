@@ -49,20 +49,39 @@ def _wait_ready(base: str, process: subprocess.Popen[str], timeout: float = 120.
     raise AssertionError("the server did not become ready")
 
 
-def _start_server(tmp_path: Path, **settings: str) -> tuple[subprocess.Popen[str], str, TextIO]:
-    """Start the README's command on a free port with a tiny model; return process, URL, log."""
+def _start_server(
+    tmp_path: Path,
+    models: list[dict[str, object]] | None = None,
+    environment: dict[str, str] | None = None,
+    **settings: str,
+) -> tuple[subprocess.Popen[str], str, TextIO]:
+    """Start the README's command on a free port with ``models`` (default: a tiny one) and
+    ``environment`` on top of this one's (less its GRADCAM_ variables); return process, URL,
+    log."""
     port = _free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("GRADCAM_")} | {
         "GRADCAM_PORT": str(port),
         "GRADCAM_DEVICE": "cpu",
-        "GRADCAM_MODELS": json.dumps([TINY]),
+        "GRADCAM_MODELS": json.dumps(models or [TINY]),
         **{f"GRADCAM_{key.upper()}": value for key, value in settings.items()},
+        **(environment or {}),
     }
     log = (tmp_path / "server.log").open("w+")
     process = subprocess.Popen(
         [str(SCRIPT)], env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
     )
     return process, f"http://127.0.0.1:{port}", log
+
+
+def _stop(process: subprocess.Popen[str], log: TextIO) -> str:
+    """Kill the server if it still runs; its whole log."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    log.seek(0)
+    output = log.read()
+    log.close()
+    return output
 
 
 @pytest.mark.slow
@@ -99,12 +118,7 @@ def test_console_script_serves_and_stops_cleanly_on_sigterm(
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.seek(0)
-        output = log.read()
-        log.close()
+        output = _stop(process, log)
     assert "Traceback" not in output, output
     access = [line for line in output.splitlines() if " service.access " in line]
     assert any("path=/v1/models/{model}/explain status=200" in line for line in access), output
@@ -190,35 +204,19 @@ def test_sigterm_finishes_in_flight_requests_before_exiting(
 def _start_with_hub_model(
     tmp_path: Path, endpoint: str
 ) -> tuple[subprocess.Popen[str], str, TextIO]:
-    """The server with one model on hub weights, the hub at ``endpoint``."""
-    port = _free_port()
+    """The server with one model on hub weights, the hub at ``endpoint``, an empty cache."""
     hub_model = TINY | {"weights": "hub", "fallback_to_random": True}
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("GRADCAM_", "HF_", "HTTPS_PROXY", "https_proxy"))
-    } | {
-        "GRADCAM_PORT": str(port),
-        "GRADCAM_DEVICE": "cpu",
-        "GRADCAM_MODELS": json.dumps([hub_model]),
-        "HF_ENDPOINT": endpoint,
-        "HF_HUB_CACHE": str(tmp_path / "hub-cache"),
-    }
-    log = (tmp_path / "server.log").open("w+")
-    process = subprocess.Popen(
-        [str(SCRIPT)], env=env, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    return _start_server(
+        tmp_path,
+        [hub_model],
+        {
+            "HF_ENDPOINT": endpoint,
+            "HF_HUB_CACHE": str(tmp_path / "hub-cache"),
+            "HF_HUB_OFFLINE": "",
+            "HTTPS_PROXY": "",
+            "https_proxy": "",
+        },
     )
-    return process, f"http://127.0.0.1:{port}", log
-
-
-def _stop(process: subprocess.Popen[str], log: TextIO) -> str:
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-    log.seek(0)
-    output = log.read()
-    log.close()
-    return output
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.auth import public
-from service.api.routes.page import Asset
+from service.api.routes.page import Asset, read_assets, send_asset
 
 DOCS_PATH: Final = "/docs"
 REDOC_PATH: Final = "/redoc"
@@ -43,14 +43,7 @@ _MEDIA_TYPES: Final = {
 @cache
 def doc_assets() -> dict[str, Asset]:
     """The viewers' files by name, read once from the installed ``fastapi_offline`` package."""
-    found: dict[str, Asset] = {}
-    for entry in (resources.files("fastapi_offline") / "static").iterdir():
-        suffix = "." + entry.name.rsplit(".", 1)[-1] if "." in entry.name else ""
-        if entry.is_file() and suffix in _MEDIA_TYPES:
-            body = entry.read_bytes()
-            etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-            found[entry.name] = Asset(body, _MEDIA_TYPES[suffix], etag)
-    return found
+    return read_assets(resources.files("fastapi_offline") / "static", _MEDIA_TYPES)
 
 
 _INLINE_SCRIPT: Final = re.compile(r"<script>(.*?)</script>", re.S)
@@ -138,7 +131,4 @@ async def doc_asset(request: Request, name: str) -> Response:
     found = doc_assets().get(name)
     if found is None:
         raise StarletteHTTPException(404)
-    headers = {"ETag": found.etag, "Cache-Control": "no-cache"}
-    if request.headers.get("if-none-match") == found.etag:
-        return Response(status_code=304, headers=headers)
-    return Response(found.body, media_type=found.media_type, headers=headers)
+    return send_asset(request, found, {"Cache-Control": "no-cache"})

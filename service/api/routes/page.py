@@ -11,9 +11,11 @@ are :func:`~service.api.auth.public`: the page asks for a key when the API answe
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any, Final
 
 from fastapi import APIRouter, Request
@@ -62,17 +64,23 @@ class Asset:
     etag: str
 
 
+def read_assets(folder: Traversable, media_types: Mapping[str, str]) -> dict[str, Asset]:
+    """The files of ``folder`` (a package's resources) whose suffix ``media_types`` names, by
+    name, each with its media type and an ETag from its contents."""
+    found: dict[str, Asset] = {}
+    for entry in folder.iterdir():
+        suffix = "." + entry.name.rsplit(".", 1)[-1] if "." in entry.name else ""
+        if entry.is_file() and suffix in media_types:
+            body = entry.read_bytes()
+            etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+            found[entry.name] = Asset(body, media_types[suffix], etag)
+    return found
+
+
 @cache
 def assets() -> dict[str, Asset]:
     """Every file of ``service/api/static`` by name, read once from the installed package."""
-    found: dict[str, Asset] = {}
-    for entry in (resources.files("service.api") / "static").iterdir():
-        suffix = "." + entry.name.rsplit(".", 1)[-1] if "." in entry.name else ""
-        if entry.is_file() and suffix in _MEDIA_TYPES:
-            body = entry.read_bytes()
-            etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-            found[entry.name] = Asset(body, _MEDIA_TYPES[suffix], etag)
-    return found
+    return read_assets(resources.files("service.api") / "static", _MEDIA_TYPES)
 
 
 def page_options() -> dict[str, Any]:
@@ -87,11 +95,14 @@ def page_options() -> dict[str, Any]:
     }
 
 
-def _send(request: Request, asset: Asset) -> Response:
-    headers = {**PAGE_HEADERS, "ETag": asset.etag}
+def send_asset(
+    request: Request, asset: Asset, headers: Mapping[str, str] = PAGE_HEADERS
+) -> Response:
+    """The file, or 304 when the browser's copy (``If-None-Match``) is current."""
+    sent = {**headers, "ETag": asset.etag}
     if request.headers.get("if-none-match") == asset.etag:
-        return Response(status_code=304, headers=headers)
-    return Response(asset.body, media_type=asset.media_type, headers=headers)
+        return Response(status_code=304, headers=sent)
+    return Response(asset.body, media_type=asset.media_type, headers=sent)
 
 
 router = APIRouter(include_in_schema=False)
@@ -100,7 +111,7 @@ router = APIRouter(include_in_schema=False)
 @router.get("/")
 @public
 async def page(request: Request) -> Response:
-    return _send(request, assets()["index.html"])
+    return send_asset(request, assets()["index.html"])
 
 
 @router.get("/ui/options.json")
@@ -115,4 +126,4 @@ async def asset(request: Request, name: str) -> Response:
     found = assets().get(name)
     if found is None or name == "index.html":
         raise StarletteHTTPException(404)
-    return _send(request, found)
+    return send_asset(request, found)

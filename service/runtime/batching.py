@@ -21,6 +21,8 @@ later item look long.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import time
 from collections import Counter, OrderedDict, deque
@@ -35,6 +37,8 @@ R = TypeVar("R")
 
 #: Weight of the newest batch in the decaying average of the time per item.
 _EWMA_WEIGHT = 0.2
+#: Group keys remembered as warmed up; past that many, every call is measured.
+_MAX_WARM_KEYS = 4096
 
 
 class QueueFullError(Exception):
@@ -113,6 +117,7 @@ class Batcher(Generic[T, R]):
         solo: Callable[[T], bool] = lambda item: False,
         solo_seconds: Callable[[T], float] = lambda item: 0.0,
         slice_s: float = 0.0,
+        item_seconds: float = 0.0,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_batch_wait_s < 0:
             raise ValueError("batch size and queue size must be >= 1, the wait budget >= 0")
@@ -135,10 +140,18 @@ class Batcher(Generic[T, R]):
         self._wakeup = asyncio.Event()  # set when items are queued or the batcher closes
         self._closed = False
         self._loops = 0
-        self._running = 0  # items in handler calls now, solo ones apart
+        self._loop_ids = itertools.count()
+        # Worker loop -> (started, items, solo) of the batch it handles now.
+        self._batches: dict[int, tuple[float, int, bool]] = {}
+        # Group keys handled once: a key's first call pays one-time costs (kernels chosen,
+        # buffers allocated), so it is not measured into the time per item.
+        self._warm: set[Hashable] = set()
         self._working: dict[int, _Entry[T, R]] = {}  # id(item) -> entry, in handler calls
         self._arriving: Counter[Hashable] = Counter()  # items about to be put, by lane
-        self.item_seconds = 0.0  # decaying average of handler-call durations per item
+        #: Decaying average of handler-call durations per item, from ``item_seconds`` (a first
+        #: estimate: 0, or a time measured at load) on.
+        self.item_seconds = item_seconds
+        self._measured = False
 
     @property
     def depth(self) -> int:
@@ -163,33 +176,44 @@ class Batcher(Generic[T, R]):
                 del self._arriving[lane]
 
     def predicted_wait_s(self, count: int = 1, lane: Hashable = None, solo_s: float = 0.0) -> float:
-        """Seconds the last of ``count`` new items of ``lane`` would wait for a worker.
+        """Seconds the first of ``count`` new items of ``lane`` would wait for a worker.
 
-        Batches take items round-robin across lanes, so ahead of it are its lane's earlier
-        items and, from every other lane, at most as many items as its own position; they fill
-        whole batches, each taking the measured time per item times the batch size, after the
-        batch being handled, shared by the worker loops. A solo job that is running delays a
-        batch by at most one of its slices. New solo items (``solo_s`` > 0) wait besides for the
-        solo work running and queued, not for each other: this bound is about the work of
-        others, and a request's own length is bounded by its deadline, checked before it is
-        queued. An idle batcher predicts 0, whatever the request (a lone caller is never told
-        to retry a request that retrying cannot make shorter).
+        The work ahead is that of the others and of the caller's earlier requests, not of this
+        request itself: a retry cannot make a request shorter, and its deadline bounds its
+        length. So an idle batcher predicts 0 whatever the request, and a lone caller is never
+        told to retry. Batches take items round-robin across lanes, so ahead of it are its
+        lane's earlier items and, from every other lane, at most as many items as its own
+        position; they fill whole batches, each taking the measured time per item times the
+        batch size, given in turn to the worker loop free first: a loop is free once what
+        remains of its batch is done (its items at the time per item, less the time it has
+        run, not a whole batch), or after one slice of the solo job it runs. New solo items
+        (``solo_s`` > 0) wait besides for the solo work running and queued.
         """
         pending = Counter(
             {key: sum(not entry.solo for entry in items) for key, items in self._lanes.items()}
         )
-        new = 0 if solo_s > 0 else count
+        new = 0 if solo_s > 0 else min(count, 1)  # the request's first plain item
         position = pending.get(lane, 0) + self._arriving.get(lane, 0) + new
         pending.update(self._arriving)
         ahead = max(0, position - 1) + sum(
             min(n, position) for key, n in pending.items() if key != lane
         )
-        batches = ahead // self.max_batch_size + (1 if self._running else 0)
-        loops = max(1, self._loops)
-        wait = batches * self.max_batch_size * self.item_seconds / loops
+        # When each worker loop is next free: what remains of the batch it runs (its items at
+        # the measured time per item, less the time it has run), a slice for a solo job's loop.
+        now = time.perf_counter()
+        free_at = [
+            self.slice_s if solo else max(0.0, items * self.item_seconds - (now - started))
+            for started, items, solo in self._batches.values()
+        ]
+        free_at += [0.0] * max(0, max(1, self._loops) - len(free_at))
+        heapq.heapify(free_at)
+        batch_s = self.max_batch_size * self.item_seconds
+        for _ in range(ahead // self.max_batch_size):  # the full batches ahead, on the loop
+            heapq.heapreplace(free_at, free_at[0] + batch_s)  # free first
+        wait = free_at[0]
         if solo_s > 0:
-            return wait + self.solo_backlog_s() / loops
-        return wait + (self.slice_s if self.solo_running else 0.0)
+            return wait + self.solo_backlog_s() / max(1, self._loops)
+        return wait
 
     @property
     def solo_running(self) -> int:
@@ -280,14 +304,18 @@ class Batcher(Generic[T, R]):
     async def run(self, handler: Handler[T, R]) -> None:
         """A worker loop: take batches and hand them to ``handler`` until :meth:`close`."""
         self._loops += 1
+        loop_id = next(self._loop_ids)
         try:
             while (batch := await self._next_batch()) is not None:
+                self._batches[loop_id] = (time.perf_counter(), len(batch), batch[0].solo)
                 groups: dict[Hashable, list[_Entry[T, R]]] = {}
                 for entry in batch:
                     groups.setdefault(self._group_key(entry.item), []).append(entry)
                 for key, group in groups.items():
                     await self._handle(handler, key, group)
+                del self._batches[loop_id]
         finally:
+            self._batches.pop(loop_id, None)
             self._loops -= 1
 
     def _drop(self, entry: _Entry[T, R], _future: object = None) -> None:
@@ -379,8 +407,6 @@ class Batcher(Generic[T, R]):
         for entry in group:
             entry.started = started
             self._working[id(entry.item)] = entry
-            if not entry.solo:
-                self._running += 1
         return started
 
     def finish(
@@ -396,12 +422,15 @@ class Batcher(Generic[T, R]):
         seconds = time.perf_counter() - started if seconds is None else seconds
         for entry in group:
             self._working.pop(id(entry.item), None)
-            if not entry.solo:
-                self._running -= 1
-        if not group[0].solo:
+        if group[0].solo:
+            pass
+        elif key in self._warm or len(self._warm) >= _MAX_WARM_KEYS:
             per_item = seconds / len(group)
-            weight = _EWMA_WEIGHT if self.item_seconds else 1.0  # the first batch sets it
+            weight = _EWMA_WEIGHT if self._measured else 1.0  # the first measured sets it
             self.item_seconds += weight * (per_item - self.item_seconds)
+            self._measured = True
+        else:
+            self._warm.add(key)
         if self._on_group is not None:
             self._on_group(key, len(group), seconds)
         if not isinstance(outcome, BaseException) and len(outcome) != len(group):

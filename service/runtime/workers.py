@@ -159,6 +159,7 @@ class ServedModel:
             solo=lambda item: item.long,
             solo_seconds=lambda item: self.pace.seconds(item.cost, 1),
             slice_s=config.work_slice_ms / 1000.0,
+            item_seconds=self.pace.pass_s or 0.0,  # until a warmed-up batch is measured
         )
         metrics.queue_depth.labels(name).set_function(lambda: self.batcher.depth)
         metrics.long_jobs.labels(name, "running").set_function(lambda: self.batcher.solo_running)

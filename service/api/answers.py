@@ -113,6 +113,7 @@ def layer_schema(info: LayerInfo) -> LayerSchema:
         grid=info.grid,
         channels=info.channels,
         prefix_tokens=info.prefix_tokens,
+        stage=info.stage,
         layer_index=info.layer_index,
     )
 

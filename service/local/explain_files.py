@@ -30,7 +30,13 @@ from service.engine.cam.explain import CamMap, PostProcess, explain
 from service.engine.imaging.images import ImageLimits
 from service.engine.models.loaded import LoadedModel
 from service.engine.models.preprocess import map_to_original
-from service.engine.pictures.overlays import encode_png, overlay, render_panel
+from service.engine.pictures.overlays import (
+    NOT_SEEN_LEGEND,
+    encode_png,
+    not_seen,
+    overlay,
+    render_panel,
+)
 from service.engine.plan import ExplainParameters, class_from_text, plan_explain
 from service.local.files import (
     CommandError,
@@ -118,6 +124,7 @@ def explain_files(
     failed: list[str] = []  # files that could not be read
     clashes: list[str] = []  # maps not written, lest they overwrite another's
     written: set[Path] = set()
+    cropped = 0  # images part of which the model never saw
     with progress(len(files), "explain") as bar:
         for chunk in batches(files, options.batch_size):
             images: list[LocalImage] = []
@@ -131,6 +138,7 @@ def explain_files(
                 requests = [plan.request] * len(images)
                 result = explain(model, inputs, requests, method=plan.method, post=post)
                 for image, maps in zip(images, result.maps, strict=True):
+                    cropped += _partly_seen(image)
                     for cam in maps:
                         stem = output_stem(image.path, stems[image.path], classes, cam)
                         if stem in written:  # never silently: the names are meant to differ
@@ -155,7 +163,19 @@ def explain_files(
         + outputs,
         file=sys.stderr,
     )
+    if cropped:
+        print(
+            f"{cropped} of the images are not the model's shape: in their pictures, "
+            + NOT_SEEN_LEGEND,
+            file=sys.stderr,
+        )
     return 1 if failed or clashes else 0
+
+
+def _partly_seen(image: LocalImage) -> bool:
+    """Whether the model's input leaves part of ``image`` out (the centre crop's ends)."""
+    height, width = image.geometry.original_size
+    return not_seen(image.geometry.input_box(), width, height) is not None
 
 
 def _write(
@@ -168,9 +188,12 @@ def _write(
 ) -> None:
     shown = np.asarray(image.decoded.image)
     heat = map_to_original(cam.grid_normalized, image.geometry, normalize=post.renormalizes)
-    blended = overlay(shown, heat, colormap=options.colormap, alpha=options.alpha)
+    seen = image.geometry.input_box()
+    blended = overlay(shown, heat, colormap=options.colormap, alpha=options.alpha, seen=seen)
     stem.with_name(stem.name + ".overlay.png").write_bytes(encode_png(blended))
     title = f"{model.labels[cam.target]} ({cam.probability:.1%}) | {cam.layer} | {cam.method}"
-    panel = render_panel(shown, heat, colormap=options.colormap, alpha=options.alpha, title=title)
+    panel = render_panel(
+        shown, heat, colormap=options.colormap, alpha=options.alpha, title=title, seen=seen
+    )
     stem.with_name(stem.name + ".panel.png").write_bytes(encode_png(panel))
     np.save(stem.with_name(stem.name + ".npy"), cam.grid)

@@ -61,6 +61,7 @@ def render_maps(
         small = image if (width, height) == image.size else image.resize((width, height))
         shown = np.asarray(small)
         shown_geometry = geometry.resized(width, height)
+    seen = shown_geometry.input_box()  # outside it, the picture is drawn as not seen
     map_width, map_height = fit_within(decoded.width, decoded.height, max_upsampled_side)
     map_geometry = geometry.resized(map_width, map_height)
     normalize = post.renormalizes
@@ -78,11 +79,18 @@ def render_maps(
                 label = model.labels[cam.target]
                 title = f"{label} ({cam.probability:.1%}) | {cam.layer} | {cam.method}"
                 picture = render_panel(
-                    shown, heat, colormap=options.colormap, alpha=options.alpha, title=title
+                    shown,
+                    heat,
+                    colormap=options.colormap,
+                    alpha=options.alpha,
+                    title=title,
+                    seen=seen,
                 )
                 fmt = "png"
             else:
-                picture = overlay(shown, heat, colormap=options.colormap, alpha=options.alpha)
+                picture = overlay(
+                    shown, heat, colormap=options.colormap, alpha=options.alpha, seen=seen
+                )
                 fmt = options.overlay
             if fmt == "dicom":
                 out.overlay = _secondary_capture(model, decoded, cam, picture)

@@ -113,8 +113,10 @@ def test_layers_of_a_cnn(client: TestClient) -> None:
         "channels": 512,
         "prefix_tokens": 0,
         "layer_index": 2,
+        "stage": True,
     }
     assert layers["layer1"]["layer_index"] == 5
+    assert not layers["layer4.1"]["stage"]
 
 
 def test_layers_of_a_vit_drop_the_class_token(client: TestClient) -> None:

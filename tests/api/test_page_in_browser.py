@@ -473,6 +473,7 @@ def test_another_model_and_layer_can_be_chosen(
     session.wait_explained(2)
     layers = page.locator("[data-testid=layer] option").all_inner_texts()
     assert "blocks.1.norm1 · 4×4 (default)" in layers
+    page.check("[data-testid=all-layers]")  # blocks.0.norm1 is no stage
     page.select_option("[data-testid=layer]", "blocks.0.norm1")
     session.wait_explained(3)
 
@@ -486,6 +487,100 @@ def test_another_model_and_layer_can_be_chosen(
     assert "RANDOM weights" in warnings.inner_text()
     assert session.canvas().std() > 5
     session.screenshot("second-model-vit")
+
+
+def test_the_layer_menu_lists_the_stages_first_and_the_rest_under_all_layers(
+    session: Session, servers: Servers, square: bytes
+) -> None:
+    page = session.page
+    session.upload(square)
+    layers = httpx.get(
+        f"{servers.base}/v1/models/shapes/layers",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+    ).json()
+    stages = [layer["name"] for layer in layers["layers"] if layer["stage"]]
+    assert stages, "the shapes model has no stage"
+    assert 0 < len(stages) < len(layers["layers"])
+
+    menu = "[data-testid=layer]"
+    shown = page.eval_on_selector_all(f"{menu} option", "os => os.map(o => o.value)")
+    assert set(shown) == {*stages, layers["default_layer"]}
+    assert page.locator(f"{menu} optgroup").count() == 0
+
+    page.check("[data-testid=all-layers]")
+    groups = page.eval_on_selector_all(
+        f"{menu} optgroup",
+        "gs => gs.map(g => [g.label, [...g.children].map(o => o.value)])",
+    )
+    assert [label for label, _ in groups] == ["Stages", "All layers"]
+    assert groups[0][1] == shown
+    assert sorted(groups[0][1] + groups[1][1]) == sorted(x["name"] for x in layers["layers"])
+    assert page.input_value(menu) == layers["default_layer"], "the choice was lost"
+    assert f"all layers ({len(layers['layers'])})" in page.inner_text("label[for=all-layers]")
+    session.screenshot("layers-grouped")
+
+
+def test_a_wide_upload_shows_its_cropped_away_ends_hatched_and_says_so(
+    session: Session, make_image: Callable[..., bytes], square: bytes
+) -> None:
+    """The shapes model centre-crops a 200x120 upload to its middle 120x120: the 40 columns
+    at each end were never seen. At opacity 1 they are grey (hatched), not the map's blue."""
+    page = session.page
+    session.upload(square)
+    assert page.locator("[data-testid=not-seen]").is_hidden(), "a square upload is all seen"
+    session.upload(make_image(200, 120, seed=5), "wide.png")
+    legend = page.locator("[data-testid=not-seen]")
+    assert legend.is_visible()
+    assert "not seen by the model" in legend.inner_text()
+    page.fill("[data-testid=alpha]", "1")
+    drawn = session.canvas()
+    for ends in (drawn[:, :38], drawn[:, -38:]):
+        assert (ends[..., 0] == ends[..., 1]).all()
+        assert (ends[..., 1] == ends[..., 2]).all()
+    middle = drawn[:, 42:-42]
+    colour = np.abs(middle[..., 0] - middle[..., 1]) + np.abs(middle[..., 1] - middle[..., 2])
+    assert colour.mean() > 20, "the seen middle is not coloured"
+    session.screenshot("not-seen-ends")
+
+
+def test_a_failed_explain_of_a_new_image_shows_no_class_of_the_last_one(
+    session: Session, square: bytes
+) -> None:
+    page = session.page
+    session.upload(square)
+    page.locator("[data-testid=predictions] button").nth(1).click()
+    session.wait_explained(2)
+    assert "square" not in page.inner_text("#target-hint")
+    session.upload(b"not a picture", "broken.png", explained=False)
+    page.locator("[data-testid=error]").wait_for(state="visible")
+    assert page.inner_text("#target-hint") == "Class: the most probable one."
+    for panel in ("#figures", "#display", "#outputs"):
+        assert page.locator(panel).is_hidden(), f"{panel} still shows the last image"
+    assert page.locator("[data-testid=predictions] li").count() == 0
+    session.screenshot("error-after-image")
+
+
+def test_a_second_explain_before_the_first_answered_cancels_it_without_an_error(
+    session: Session, square: bytes
+) -> None:
+    page = session.page
+    session.upload(square)
+    failed: list[str] = []
+    page.on("requestfailed", lambda request: failed.append(request.failure or ""))
+    page.evaluate(
+        """() => {
+            const button = document.querySelector('[data-testid=explain]');
+            button.click();
+            button.click();
+        }"""
+    )
+    session.wait_explained(2)
+    page.wait_for_timeout(200)  # an answer to the first would be drawn by now
+    assert page.get_attribute("[data-testid=overlay]", "data-explained") == "2"
+    assert page.locator("[data-testid=error]").is_hidden()
+    assert any("ERR_ABORTED" in reason for reason in failed), failed
+    assert session.console_errors == []
 
 
 def test_choosing_a_class_explains_that_class(

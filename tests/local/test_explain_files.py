@@ -177,3 +177,24 @@ def test_class_names_add_the_index_only_where_labels_would_share_a_file_name() -
     assert names[281] == "tabby_tabby_cat"  # "tabby, tabby cat": unique, no index
     assert len({name.casefold() for name in names}) == 1000
     assert explain_files_module.class_names(["a b", "a/b", "c"]) == ["a_b.0", "a_b.1", "c"]
+
+
+def test_a_wide_image_gets_its_cropped_ends_hatched_and_the_summary_says_so(
+    shapes_models_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The shapes model centre-crops a 96x64 image to its middle 64x64: the 16 columns at
+    each end are drawn grey (hatched) in the overlay, whatever the map, and said so once."""
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "w.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "s.png")
+    assert _explain(shapes_models_file, str(tmp_path), "--alpha", "1") == 0
+    err = capsys.readouterr().err
+    assert "1 of the images are not the model's shape" in err
+    assert "hatched: not seen by the model" in err
+    (overlay,) = tmp_path.glob("w.*.overlay.png")
+    drawn = np.asarray(Image.open(overlay).convert("RGB")).astype(np.int16)
+    for end in (drawn[:, :15], drawn[:, -15:]):
+        assert (end[..., 0] == end[..., 1]).all()
+        assert (end[..., 1] == end[..., 2]).all()
+    middle = drawn[:, 17:-17]
+    assert (np.abs(middle[..., 0] - middle[..., 2]) > 0).mean() > 0.5, "the middle is grey"

@@ -267,7 +267,9 @@ class ExplainParams(DisplayParams):
         description="Overlay of the heatmap on the uploaded image (a DICOM one as displayed,"
         " windowed): its encoding, 'panel' for the four-part figure (original, overlay, heatmap,"
         " colour scale; PNG), 'dicom' for a DICOM Secondary Capture object filed under the"
-        " uploaded DICOM object's study (DICOM uploads only), or 'none'.",
+        " uploaded DICOM object's study (DICOM uploads only), or 'none'. Parts of the image"
+        " the model never saw (cropped away: outside `input_box`) are drawn grey with diagonal"
+        " stripes, blended like the heatmap, not in the colour of a low value.",
     )
     heatmap: Flag = Field(
         default=True,

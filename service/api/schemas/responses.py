@@ -109,6 +109,12 @@ class LayerSchema(BaseModel):
     layer_index: int | None = Field(
         default=None, description="The original script's layer_idx, for top-level children."
     )
+    stage: bool = Field(
+        default=False,
+        description="One of the model's feature stages (timm's feature_info, else its top-level"
+        " children that give a map): the layers to look at first; the page lists the others"
+        " under 'all layers'.",
+    )
 
 
 class LayerList(BaseModel):

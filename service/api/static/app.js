@@ -8,6 +8,8 @@ import {
   decodeMap,
   floorMap,
   mapOntoImage,
+  notSeenMask,
+  paintNotSeen,
   paintOverlay,
   paintScale,
 } from "./render.js";
@@ -28,6 +30,8 @@ const state = {
   controller: null,
   /** What to do again once an API key is given. */
   retry: null,
+  /** The chosen model's layers (/v1/models/{model}/layers). */
+  layers: null,
 };
 
 // ------------------------------------------------------------------------- messages
@@ -73,9 +77,24 @@ async function attempt(action) {
   } catch (error) {
     if (error.name === "AbortError") return;
     if (error instanceof ApiError && error.needsKey) state.retry = action;
-    setStatus(state.shown ? "Below: the last explanation that succeeded." : "Nothing to show yet.");
+    if (state.shown) {
+      setStatus("Below: the last explanation that succeeded.");
+      describeShown(); // the class the panels show, not the one that failed
+    } else {
+      setStatus("Nothing to show yet.");
+      showNothing();
+    }
     showError(error);
   }
+}
+
+/** No answer on the page: no figures, no predictions, no class from an earlier answer. */
+function showNothing() {
+  for (const id of ["figures", "display", "outputs"]) $(id).hidden = true;
+  $("predictions").replaceChildren();
+  $("details").replaceChildren();
+  $("timings").replaceChildren();
+  $("target-hint").textContent = "Class: the most probable one.";
 }
 
 // ------------------------------------------------------------------------- API key
@@ -132,6 +151,7 @@ async function loadOptions() {
   $("alpha").value = String(options.default_alpha);
   showSliderValues();
   paintLegend();
+  paintNotSeenSwatch();
 }
 
 function describeMethod() {
@@ -162,17 +182,42 @@ async function loadModels() {
 
 async function loadLayers() {
   const model = $("model").value;
-  const list = await call(`/v1/models/${encodeURIComponent(model)}/layers`);
-  fillSelect(
-    $("layer"),
-    list.layers.map((layer) => ({
-      value: layer.name,
-      text:
-        `${layer.name} · ${layer.grid[0]}×${layer.grid[1]}`
-        + (layer.name === list.default_layer ? " (default)" : ""),
-    })),
-    list.default_layer,
+  state.layers = await call(`/v1/models/${encodeURIComponent(model)}/layers`);
+  showLayers(state.layers.default_layer);
+}
+
+/**
+ * The layer menu: the model's stages and its default layer; with "all layers" ticked, those
+ * first and then every layer in forward order, in two groups. `selected` stays chosen (the
+ * box is ticked when only the full list has it).
+ */
+function showLayers(selected) {
+  const list = state.layers;
+  const option = (layer) => new Option(
+    `${layer.name} · ${layer.grid[0]}×${layer.grid[1]}`
+      + (layer.name === list.default_layer ? " (default)" : ""),
+    layer.name,
+    false,
+    layer.name === selected,
   );
+  const main = list.layers.filter((l) => l.stage || l.name === list.default_layer);
+  const all = $("all-layers");
+  all.disabled = main.length === list.layers.length;
+  if (!main.some((l) => l.name === selected)) all.checked = !all.disabled;
+  $("all-layers-count").textContent = String(list.layers.length);
+  const group = (label, layers) => {
+    const element = document.createElement("optgroup");
+    element.label = label;
+    element.append(...layers.map(option));
+    return element;
+  };
+  $("layer").replaceChildren(
+    ...(all.checked
+      ? [group("Stages", main), group("All layers", list.layers.filter((l) => !main.includes(l)))]
+      : main.map(option)),
+  );
+  $("layer").value = selected;
+  if (!$("layer").value) $("layer").value = list.default_layer;
 }
 
 // ------------------------------------------------------------------------- explaining
@@ -229,6 +274,7 @@ async function explain() {
       heatmap: decodeMap(explanation.heatmap),
       raw: decodeMap(explanation.raw_heatmap),
       resized: new Map(),
+      notSeen: notSeenMask(result.input_box, result.original, picture.width, picture.height),
     };
     clearError();
     showWarnings([...answer.warnings, ...explanation.warnings]);
@@ -243,6 +289,12 @@ async function explain() {
   } finally {
     if (controller === state.controller) state.controller = null;
   }
+}
+
+/** The class hint of the shown answer. */
+function describeShown() {
+  const { target } = state.shown.explanation;
+  $("target-hint").textContent = `Class: ${target.label} (choose another in the predictions).`;
 }
 
 function percent(probability) {
@@ -285,8 +337,8 @@ function showAnswer() {
     }),
   );
   if (focused !== null) list.querySelector(`[data-index="${focused}"]`)?.focus();
+  describeShown();
   const { target } = explanation;
-  $("target-hint").textContent = `Class: ${target.label} (choose another in the predictions).`;
   const caption = `${target.label} · ${explanation.layer} · ${explanation.method}`;
   $("overlay-caption").textContent = caption;
   const [rows, cols] = explanation.heatmap.shape;
@@ -348,6 +400,14 @@ function paintLegend() {
   context.putImageData(image, 0, 0);
 }
 
+function paintNotSeenSwatch() {
+  const canvas = $("not-seen-swatch");
+  const context = canvas.getContext("2d");
+  const image = context.createImageData(canvas.width, canvas.height);
+  paintNotSeen(image);
+  context.putImageData(image, 0, 0);
+}
+
 /** The shown map at the picture's size, for the current threshold (kept per threshold). */
 function resizedMap() {
   const { result, heatmap, raw, resized } = state.shown;
@@ -374,8 +434,10 @@ function redraw() {
   const context = $("overlay").getContext("2d");
   const image = context.createImageData(width, height);
   const alpha = Number($("alpha").value);
-  paintOverlay(image, data, resizedMap(), state.luts[$("colormap").value], alpha);
+  const { notSeen } = state.shown;
+  paintOverlay(image, data, resizedMap(), state.luts[$("colormap").value], alpha, notSeen);
   context.putImageData(image, 0, 0);
+  $("not-seen").hidden = notSeen === null;
   const overlay = $("overlay");
   overlay.dataset.renders = String(Number(overlay.dataset.renders || 0) + 1);
 }
@@ -402,7 +464,7 @@ function chooseFile(file) {
   state.picture = null;
   state.target = null;
   state.shown = null; // never show the last image's map as if it were this one's
-  for (const id of ["figures", "display", "outputs"]) $(id).hidden = true;
+  showNothing();
   $("file-name").textContent = file.name;
   attempt(explain);
 }
@@ -434,6 +496,7 @@ $("model").addEventListener("change", () => {
     if (state.file) await explain();
   });
 });
+$("all-layers").addEventListener("change", () => showLayers($("layer").value));
 $("method").addEventListener("change", describeMethod);
 for (const id of ["layer", "method"]) {
   $(id).addEventListener("change", () => {

@@ -114,21 +114,73 @@ function lutIndex(value) {
   return 3 * rint(clipped * 255);
 }
 
+// The hatching of what the model did not see, as the server draws it (overlays.HATCH_*).
+const HATCH_PERIOD = 8;
+const HATCH_WIDTH = 2;
+const HATCH_GREY = 160;
+
+/**
+ * Which pixels of the image shown at `width` x `height` the model never saw (outside `box`,
+ * the model input's box on the `original` image; the same test as mapOntoImage's): a
+ * Uint8Array of 1s there, or null when it saw them all.
+ */
+export function notSeenMask(box, original, width, height) {
+  const xs = axis(width, original.width, box.left, box.right, 1).seen;
+  const ys = axis(height, original.height, box.top, box.bottom, 1).seen;
+  if (xs.every(Boolean) && ys.every(Boolean)) return null;
+  const mask = new Uint8Array(width * height);
+  for (let y = 0; y < height; y += 1) {
+    for (let x = 0; x < width; x += 1) mask[y * width + x] = ys[y] && xs[x] ? 0 : 1;
+  }
+  return mask;
+}
+
 /**
  * `(1 - alpha) x image + alpha x colour(map)` into `target` (an ImageData of the image's size);
  * `image` is the RGBA bytes of the picture the map lies on. In 8.8 fixed point, as the server
- * blends: `(image x (256 - w) + colour x w + 128) >> 8` with `w = rint(alpha x 256)`.
+ * blends: `(image x (256 - w) + colour x w + 128) >> 8` with `w = rint(alpha x 256)`. Where
+ * `notSeen` (notSeenMask) is 1, the colour is the image's grey, hatched, as on the server
+ * (overlays.not_seen_colour): `(77 R + 150 G + 29 B + 128) >> 8`, and on the stripes
+ * (`(x + y) % 8 < 2`) that grey's mean with 160.
  */
-export function paintOverlay(target, image, map, lut, alpha) {
+export function paintOverlay(target, image, map, lut, alpha, notSeen = null) {
   const out = target.data;
+  const { width } = target;
   const w = rint(alpha * 256);
   const keep = 256 - w;
   for (let i = 0, p = 0; i < map.length; i += 1, p += 4) {
-    const c = lutIndex(map[i]);
-    out[p] = (image[p] * keep + lut[c] * w + 128) >> 8;
-    out[p + 1] = (image[p + 1] * keep + lut[c + 1] * w + 128) >> 8;
-    out[p + 2] = (image[p + 2] * keep + lut[c + 2] * w + 128) >> 8;
+    let r;
+    let g;
+    let b;
+    if (notSeen && notSeen[i]) {
+      let grey = (image[p] * 77 + image[p + 1] * 150 + image[p + 2] * 29 + 128) >> 8;
+      if (((i % width) + Math.floor(i / width)) % HATCH_PERIOD < HATCH_WIDTH) {
+        grey = (grey + HATCH_GREY) >> 1;
+      }
+      r = grey;
+      g = grey;
+      b = grey;
+    } else {
+      const c = lutIndex(map[i]);
+      r = lut[c];
+      g = lut[c + 1];
+      b = lut[c + 2];
+    }
+    out[p] = (image[p] * keep + r * w + 128) >> 8;
+    out[p + 1] = (image[p + 1] * keep + g * w + 128) >> 8;
+    out[p + 2] = (image[p + 2] * keep + b * w + 128) >> 8;
     out[p + 3] = 255;
+  }
+}
+
+/** The legend's swatch of what the model did not see: mid grey, hatched. */
+export function paintNotSeen(target) {
+  const out = target.data;
+  for (let y = 0; y < target.height; y += 1) {
+    for (let x = 0; x < target.width; x += 1) {
+      const grey = (x + y) % HATCH_PERIOD < HATCH_WIDTH ? (200 + HATCH_GREY) >> 1 : 200;
+      out.set([grey, grey, grey, 255], 4 * (y * target.width + x));
+    }
   }
 }
 

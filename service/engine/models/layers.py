@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -37,6 +37,7 @@ class LayerInfo:
     channels: int
     prefix_tokens: int = 0  # tokens dropped before reshaping (tokens layout only)
     layer_index: int | None = None  # the seed script's index, for top-level children only
+    stage: bool = False  # one of the model's feature stages (see stage_names)
 
     def to_grid(self, tensor: torch.Tensor) -> torch.Tensor:
         """Turn this layer's (B, ...) output into (B, C, H, W)."""
@@ -169,7 +170,24 @@ def discover_layers(
                 layer_index=index_of.get(name),
             )
         )
-    return layers
+    stages = stage_names(model, layers)
+    return [replace(layer, stage=layer.name in stages) for layer in layers]
+
+
+def stage_names(model: nn.Module, layers: list[LayerInfo]) -> set[str]:
+    """The layers a first look starts from: timm's feature stages (``feature_info``), else the
+    model's top-level children that give a map (the original script's ``layer_idx`` ones)."""
+    names = {layer.name for layer in layers}
+    feature_info = getattr(model, "feature_info", None)
+    stages: set[str] = set()
+    if isinstance(feature_info, list):
+        for info in feature_info:
+            module = info.get("module") if isinstance(info, dict) else None
+            if isinstance(module, str):
+                stages.update({module, module.replace("_", ".")} & names)
+    if not stages:
+        stages = {layer.name for layer in layers if layer.layer_index is not None}
+    return stages
 
 
 def default_layer_name(model: nn.Module, layers: list[LayerInfo]) -> str | None:

@@ -7,6 +7,12 @@ index is clipped (``1.0`` maps to the last entry instead of wrapping to the firs
 high values black), and overlays are blended in 16-bit fixed point, which cannot overflow
 (adding in uint8 wrapped bright pixels around to dark ones). PNGs are written by
 :func:`encode_png`, made for speed.
+
+Where an upload is not the model's shape, part of it never reaches the model (the centre crop
+cuts the long side's ends). Its map is 0 there, which a colour table would paint as "the model
+did not look here". Given the ``seen`` box, pixels outside it are drawn as not seen instead:
+the image without colour, hatched (:func:`not_seen_colour`), blended like the heatmap's colour.
+The page draws the same pixels (``service/api/static/render.js``).
 """
 
 from __future__ import annotations
@@ -47,7 +53,18 @@ _MAX_PANEL_HEIGHT: Final = 512
 _MAX_PANEL_WIDTH: Final = 1024
 _MAX_TITLE_CHARS: Final = 300
 
+#: Hatching of what the model did not see: diagonal stripes ``HATCH_WIDTH`` of every
+#: ``HATCH_PERIOD`` pixels (where ``(x + y) % period < width``), lighter or darker than the grey
+#: image under them: ``(grey + HATCH_GREY) >> 1``.
+HATCH_PERIOD: Final = 8
+HATCH_WIDTH: Final = 2
+HATCH_GREY: Final = 160
+NOT_SEEN_LEGEND: Final = "hatched: not seen by the model (cropped away)"
+
 Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+#: A box (left, top, right, bottom) in a picture's pixel coordinates; a pixel is inside when its
+#: centre is: ``left <= x + 0.5 < right`` and ``top <= y + 0.5 < bottom``.
+Box = tuple[float, float, float, float]
 
 
 def colorize(heatmap: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> npt.NDArray[np.uint8]:
@@ -67,18 +84,58 @@ def colorize(heatmap: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> npt.NDArr
     return coloured
 
 
+def not_seen(box: Box | None, width: int, height: int) -> npt.NDArray[np.bool_] | None:
+    """``HxW`` True where a picture of ``width`` x ``height`` pixels lies outside ``box`` (the
+    part the model saw), or None when nothing does (or no box is given)."""
+    if box is None:
+        return None
+    left, top, right, bottom = box
+    xs = np.arange(width, dtype=np.float64) + 0.5
+    ys = np.arange(height, dtype=np.float64) + 0.5
+    seen_x = (xs >= left) & (xs < right)
+    seen_y = (ys >= top) & (ys < bottom)
+    if seen_x.all() and seen_y.all():
+        return None
+    mask: npt.NDArray[np.bool_] = ~(seen_y[:, None] & seen_x[None, :])
+    return mask
+
+
+def not_seen_colour(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """The not-seen rendering of ``HxWx3`` uint8 ``pixels``: their grey (ITU-R 601 luma in 8.8
+    fixed point, ``(77 R + 150 G + 29 B + 128) >> 8``), hatched (:data:`HATCH_PERIOD`)."""
+    rgb = pixels.astype(np.uint16)
+    grey = (rgb[..., 0] * 77 + rgb[..., 1] * 150 + rgb[..., 2] * 29 + 128) >> 8
+    height, width = grey.shape
+    stripes = (np.arange(height)[:, None] + np.arange(width)[None, :]) % HATCH_PERIOD < HATCH_WIDTH
+    grey = np.where(stripes, (grey + HATCH_GREY) >> 1, grey)
+    return np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def _paint_not_seen(
+    colour: npt.NDArray[np.uint8], pixels: npt.NDArray[np.uint8], box: Box | None
+) -> npt.NDArray[np.uint8]:
+    """``colour`` with the pixels outside ``box`` replaced by their not-seen rendering."""
+    height, width = pixels.shape[:2]
+    mask = not_seen(box, width, height)
+    if mask is not None:
+        colour[mask] = not_seen_colour(pixels)[mask]
+    return colour
+
+
 def overlay(
     image: np.ndarray | Image.Image,
     heatmap: np.ndarray,
     colormap: str = DEFAULT_COLORMAP,
     alpha: float = 0.5,
+    seen: Box | None = None,
 ) -> npt.NDArray[np.uint8]:
     """Blend the coloured ``heatmap`` over ``image``: ``(1 - alpha) * image + alpha * colour``.
 
     ``image`` is an RGB (or greyscale) uint8 array or a PIL image; ``heatmap`` must have the
-    image's height and width (``ValueError`` otherwise). The blend is computed in 16-bit fixed
-    point (within 1 of a float blend, several times faster) and never wraps around. Returns
-    ``HxWx3`` uint8.
+    image's height and width (``ValueError`` otherwise). Outside ``seen`` (the model input's box
+    on this picture), the colour is the image's not-seen rendering (grey, hatched) instead of the
+    map's. The blend is computed in 16-bit fixed point (within 1 of a float blend, several times
+    faster) and never wraps around. Returns ``HxWx3`` uint8.
     """
     _lut(colormap)
     weight = _check_alpha(alpha)
@@ -90,7 +147,7 @@ def overlay(
             f"{pixels.shape[:2]}; resize the heatmap to the image first"
         )
         raise ValueError(msg)
-    colour = colorize(values, colormap)
+    colour = _paint_not_seen(colorize(values, colormap), pixels, seen)
     # In 8.8 fixed point: (image * (256 - w) + colour * w + 128) >> 8 with w = alpha * 256,
     # within 1 of the float blend; uint16 cannot overflow (255 * 256 + 128 < 65536).
     w = np.uint16(round(weight * 256))
@@ -107,14 +164,16 @@ def render_panel(
     colormap: str = DEFAULT_COLORMAP,
     alpha: float = 0.5,
     title: str | None = None,
+    seen: Box | None = None,
 ) -> npt.NDArray[np.uint8]:
     """Render original | overlay | heatmap | colour scale side by side as one RGB image.
 
     Every part is shown at a display size (height 256..512 px where the aspect ratio allows,
     width at most 1024 px) whatever the upload's size, on a white background with small gaps;
     the colour scale is labelled 0.0 (low), 0.5 and 1.0 (high), and ``title``, if given, is
-    written across the top. ``heatmap`` must have the image's height and width. Returns
-    ``HxWx3`` uint8.
+    written across the top. ``heatmap`` must have the image's height and width. Outside
+    ``seen`` (the model input's box on ``image``) the overlay and the heatmap show the image
+    grey and hatched, and a line under the parts says so. Returns ``HxWx3`` uint8.
     """
     _lut(colormap)
     _check_alpha(alpha)
@@ -131,7 +190,13 @@ def render_panel(
     panel_w, panel_h = _display_size(width, height)
     shown = _resize_rgb(pixels, panel_w, panel_h)
     heat = _resize_heatmap(values, panel_w, panel_h)
-    parts = [shown, overlay(shown, heat, colormap, alpha), colorize(heat, colormap)]
+    box = _scaled_box(seen, panel_w / width, panel_h / height)
+    parts = [
+        shown,
+        overlay(shown, heat, colormap, alpha, seen=box),
+        _paint_not_seen(colorize(heat, colormap), shown, box),
+    ]
+    hidden = not_seen(box, panel_w, panel_h) is not None
 
     font_size = max(11, round(panel_h / 22))
     font = _font(font_size)
@@ -145,11 +210,17 @@ def render_panel(
     tick = max(3, bar_w // 3)
 
     canvas_w = margin + 3 * (panel_w + gap) + bar_w + tick + gap // 2 + label_w + margin
+    if hidden:  # room for the legend's line
+        legend_w = (
+            3 * text_h + max(4, text_h // 2) + _text_size(draw_probe, NOT_SEEN_LEGEND, font)[0]
+        )
+        canvas_w = max(canvas_w, 2 * margin + legend_w)
     title_font = _font(round(font_size * 1.3))
     title_text = _fit_title(draw_probe, title, title_font, canvas_w - 2 * margin)
     title_h = _text_size(draw_probe, title_text, title_font)[1] + gap if title_text else 0
     top = margin + title_h
-    canvas_h = top + panel_h + margin
+    legend_h = text_h + gap if hidden else 0
+    canvas_h = top + panel_h + legend_h + margin
 
     canvas = Image.new("RGB", (canvas_w, canvas_h), _WHITE)
     draw = ImageDraw.Draw(canvas)
@@ -169,14 +240,39 @@ def render_panel(
         draw.line((x + bar_w, y, x + bar_w + tick, y), fill=_TEXT)
         label_x = x + bar_w + tick + gap // 2
         draw.text((label_x, y), text, fill=_TEXT, font=font, anchor="lm")
+    if hidden:
+        _draw_not_seen_legend(canvas, (margin, top + panel_h + gap), text_h, font)
     return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def _scaled_box(box: Box | None, sx: float, sy: float) -> Box | None:
+    if box is None:
+        return None
+    left, top, right, bottom = box
+    return (left * sx, top * sy, right * sx, bottom * sy)
+
+
+def _draw_not_seen_legend(
+    canvas: Image.Image, origin: tuple[int, int], height: int, font: Font
+) -> None:
+    """A hatched swatch and :data:`NOT_SEEN_LEGEND` at ``origin`` (left, top)."""
+    x, y = origin
+    swatch_w = 3 * height
+    swatch = not_seen_colour(np.full((height, swatch_w, 3), 200, dtype=np.uint8))
+    canvas.paste(Image.fromarray(swatch), (x, y))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((x - 1, y - 1, x + swatch_w, y + height), outline=_FRAME)
+    gap = max(4, height // 2)
+    draw.text(
+        (x + swatch_w + gap, y + height // 2), NOT_SEEN_LEGEND, fill=_TEXT, font=font, anchor="lm"
+    )
 
 
 def panel_size_bound(width: int, height: int) -> tuple[int, int]:
     """An upper bound of :func:`render_panel`'s (width, height) for an image of this size:
     three parts at display size, the colour scale, its labels, the title and the margins."""
     part_w, part_h = _display_size(width, height)
-    return 3 * part_w + 320, part_h + 128
+    return max(3 * part_w + 320, 800), part_h + 160
 
 
 def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 90) -> bytes:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from service.engine.cam.explain import ImageRequest, explain
-from service.engine.models.layers import LayerInfo
+from service.engine.models.layers import LayerInfo, discover_layers
 from service.engine.models.loaded import LoadedModel
 
 Loader = Callable[..., LoadedModel]
@@ -322,3 +322,33 @@ def test_swin_layer_listing_is_channels_last(load_tiny: Loader) -> None:
         assert layers[name].layout == "channels_last"
         assert layers[name].grid == grid
         assert layers[name].channels == shape[-1]
+
+
+def test_stages_are_timms_feature_stages(load_tiny: Loader) -> None:
+    resnet = load_tiny("resnet18")
+    assert [layer.name for layer in resnet.layers if layer.stage] == [
+        "act1",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+    ]
+    swin = load_tiny("swin_tiny_patch4_window7_224", depths=(1, 1, 1, 1))
+    assert [layer.name for layer in swin.layers if layer.stage] == [
+        "layers.0",
+        "layers.1",
+        "layers.2",
+        "layers.3",
+    ]
+
+
+def test_without_feature_stages_the_top_level_children_with_a_map_are_the_stages() -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, stride=2, padding=1), torch.nn.ReLU()),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 8 * 8, 2),
+    )
+    layers = discover_layers(model, (16, 16), torch.device("cpu"))
+    assert [layer.name for layer in layers if layer.stage] == ["0", "1"]
+    assert {layer.name for layer in layers} == {"0", "1", "1.0", "1.1"}

@@ -13,11 +13,16 @@ from PIL import Image
 from service.engine.pictures._colormaps import LUTS
 from service.engine.pictures.overlays import (
     COLORMAPS,
+    HATCH_PERIOD,
+    HATCH_WIDTH,
     MEDIA_TYPES,
     OVERLAY_FORMATS,
     colorize,
     encode_image,
+    not_seen,
+    not_seen_colour,
     overlay,
+    panel_size_bound,
     render_panel,
 )
 from service.errors import InvalidParameterError
@@ -243,6 +248,86 @@ def test_panel_rejects_an_unknown_colormap() -> None:
     with pytest.raises(InvalidParameterError) as info:
         render_panel(noise(30, 40), ramp(30, 40), "rainbow")
     assert info.value.allowed == list(COLORMAPS)
+
+
+# --- what the model did not see ----------------------------------------------------------
+
+
+def test_pixels_outside_the_seen_box_are_grey_and_hatched_not_painted_as_low_values() -> None:
+    """A 40x20 picture whose centre 20x20 the model saw: its map is 0 outside (the crop), and
+    the overlay there is the picture's grey with stripes, not the colour table's blue."""
+    pixels = noise(20, 40, seed=3)
+    heat = np.zeros((20, 40), dtype=np.float32)
+    drawn = overlay(pixels, heat, "jet", alpha=1.0, seen=(10.0, 0.0, 30.0, 20.0))
+
+    inside, outside = drawn[:, 10:30], np.concatenate([drawn[:, :10], drawn[:, 30:]], axis=1)
+    assert (inside == LUTS["jet"][0]).all(), "the seen part is the map's colour"
+    assert (outside[..., 0] == outside[..., 1]).all()
+    assert (outside[..., 1] == outside[..., 2]).all()
+    rgb = pixels.astype(np.int32)
+    grey = (77 * rgb[..., 0] + 150 * rgb[..., 1] + 29 * rgb[..., 2] + 128) >> 8
+    y, x = 0, 1  # (0 + 1) % 8 < 2: on a stripe
+    assert drawn[y, x, 0] == (grey[y, x] + 160) >> 1
+    y, x = 0, 5  # off the stripes: the grey itself
+    assert drawn[y, x, 0] == grey[y, x]
+
+
+def test_the_hatching_is_diagonal_stripes_of_the_stated_period() -> None:
+    flat = not_seen_colour(np.full((16, 16, 3), 100, dtype=np.uint8))[..., 0]
+    ys, xs = np.mgrid[0:16, 0:16]
+    stripes = (xs + ys) % HATCH_PERIOD < HATCH_WIDTH
+    assert (flat[stripes] == (100 + 160) >> 1).all()
+    assert (flat[~stripes] == 100).all()
+
+
+def test_the_not_seen_border_is_blended_like_the_heatmap_so_alpha_zero_is_the_image() -> None:
+    pixels = noise(12, 30, seed=4)
+    heat = ramp(12, 30)
+    box = (6.0, 0.0, 24.0, 12.0)
+    assert np.array_equal(overlay(pixels, heat, alpha=0.0, seen=box), pixels)
+    half = overlay(pixels, heat, alpha=0.5, seen=box).astype(np.int32)
+    grey = not_seen_colour(pixels).astype(np.int32)
+    expected = (pixels.astype(np.int32) * 128 + grey * 128 + 128) >> 8
+    assert np.array_equal(half[:, :6], expected[:, :6])
+
+
+def test_a_box_covering_the_picture_or_none_changes_nothing() -> None:
+    pixels = noise(10, 10, seed=5)
+    heat = ramp(10, 10)
+    plain = overlay(pixels, heat)
+    assert np.array_equal(overlay(pixels, heat, seen=(0.0, 0.0, 10.0, 10.0)), plain)
+    assert np.array_equal(overlay(pixels, heat, seen=(-3.0, -1.0, 12.0, 11.0)), plain)
+    assert not_seen((0.0, 0.0, 10.0, 10.0), 10, 10) is None
+    assert not_seen(None, 10, 10) is None
+
+
+def test_a_pixel_is_seen_when_its_centre_lies_in_the_box() -> None:
+    mask = not_seen((2.5, 0.0, 7.5, 1.0), 10, 1)
+    assert mask is not None
+    assert mask[0].tolist() == [True, True, False, False, False, False, False, True, True, True]
+
+
+def test_a_panel_with_a_not_seen_border_hatches_it_and_says_so_under_the_parts() -> None:
+    pixels = np.full((64, 128, 3), 200, dtype=np.uint8)
+    heat = np.zeros((64, 128), dtype=np.float32)
+    box = (32.0, 0.0, 96.0, 64.0)
+    plain = render_panel(pixels, heat)
+    marked = render_panel(pixels, heat, seen=box)
+    assert marked.shape[0] > plain.shape[0], "no legend line"
+    assert marked.shape[1] == plain.shape[1]
+    stripe = (200 + 160) >> 1
+    top_rows = marked[: plain.shape[0] - 20]
+    assert (top_rows == stripe).all(axis=2).sum() > 1000, "no hatching in the parts"
+    assert not (plain == stripe).all(axis=2).any()
+
+
+def test_a_thin_tall_panel_with_its_legend_fits_the_size_bound() -> None:
+    pixels = np.full((600, 30, 3), 90, dtype=np.uint8)
+    heat = np.zeros((600, 30), dtype=np.float32)
+    panel = render_panel(pixels, heat, seen=(0.0, 100.0, 30.0, 500.0))
+    bound_w, bound_h = panel_size_bound(30, 600)
+    assert panel.shape[1] <= bound_w
+    assert panel.shape[0] <= bound_h
 
 
 # --- encoding --------------------------------------------------------------------------------

@@ -98,7 +98,10 @@ def add_parser(commands: Subcommands) -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="images per batch (8)")
     evaluate.add_argument(
-        "--thumbnails", type=COUNT, default=6, help="images shown per row in report.html (6)"
+        "--thumbnails",
+        type=COUNT,
+        default=6,
+        help="images shown per layer and method in report.html (6)",
     )
     evaluate.add_argument(
         "--fresh", action="store_true", help="discard the results of an earlier run"

@@ -126,11 +126,28 @@ def read_image(path: Path, model: LoadedModel, limits: ImageLimits) -> LocalImag
             f"{path}: cannot read it ({exc.strerror or type(exc).__name__})."
         ) from None
     except ServiceError as exc:
-        raise CommandError(f"{path}: {exc.detail}") from None
+        raise CommandError(f"{path}: {local_wording(exc.detail)}") from None
     tensor, geometry = preprocess(
         decoded.image, model.preprocessing, (decoded.width, decoded.height)
     )
     return LocalImage(path, decoded, tensor, geometry)
+
+
+#: The engine's words for bytes sent to the API, and what they mean of a file read from disk.
+_UPLOAD_WORDING = (
+    (re.compile(r"^The uploaded (?:data|image) is "), ""),
+    (re.compile(r"\bsend the bytes of\b"), "use"),
+)
+
+
+def local_wording(detail: str) -> str:
+    """The engine's ``detail`` of an image said of a file read from disk rather than of an
+    upload (the API keeps its own words): "The uploaded data is not an image in any
+    recognised format; send the bytes of a JPEG, ... file." becomes "not an image in any
+    recognised format; use a JPEG, ... file.", to follow the file's name."""
+    for pattern, replacement in _UPLOAD_WORDING:
+        detail = pattern.sub(replacement, detail)
+    return detail
 
 
 def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

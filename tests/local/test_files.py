@@ -12,7 +12,9 @@ from PIL import Image
 
 from service.cli import main
 from service.engine.cam.methods import METHOD_NAMES
-from service.local.files import is_explain_picture, safe_name
+from service.engine.imaging.images import ImageLimits, decode_image
+from service.errors import InvalidImageError
+from service.local.files import is_explain_picture, local_wording, safe_name
 
 
 def test_a_models_file_with_several_models_needs_model(
@@ -61,3 +63,16 @@ def test_random_weights_from_an_unreachable_hub_are_said_once_with_the_reason(
         " Fell back to random: hub weights unavailable, huggingface.co cannot be reached and"
         " they are not in the local cache."
     ]
+
+
+def test_image_errors_speak_of_the_file_while_the_api_keeps_its_upload_wording() -> None:
+    with pytest.raises(InvalidImageError) as raised:
+        decode_image(b"not an image", ImageLimits())
+    api = raised.value.detail
+    assert api.startswith("The uploaded data is not an image in any recognised format; send ")
+    local = local_wording(api)
+    assert local.startswith("not an image in any recognised format; use a JPEG, PNG")
+    assert "upload" not in local
+    assert local_wording("The JPEG image is truncated or corrupt") == (
+        "The JPEG image is truncated or corrupt"  # nothing to re-word
+    )

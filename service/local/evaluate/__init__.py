@@ -8,7 +8,8 @@ class (else the predicted one), and each map is measured:
   ``pointing_tolerance`` pixels) and the **energy in box** (Score-CAM's energy-based pointing
   game: the share of the map's sum on the image that lies on the object);
 - the faithfulness scores asked for (:mod:`service.engine.faithfulness.scores`);
-- the time per image of the explanation and of the scores.
+- the time per image of the explanation and of the scores, after one untimed warm-up call per
+  (layer, method): a first call's one-time costs would otherwise count as the method's.
 
 The (layer, method) pairs are ranked by their mean over the images, and the report is written
 as Markdown and as a self-contained HTML page with thumbnails.
@@ -26,7 +27,8 @@ One job a module:
   object's pixels on an image;
 - :mod:`~service.local.evaluate.localisation`: the pointing game and the energy in box;
 - :mod:`~service.local.evaluate.store`: ``results.jsonl``, appended per batch and resumed;
-- :mod:`~service.local.evaluate.thumbnails`: the small overlays the HTML page shows;
+- :mod:`~service.local.evaluate.thumbnails`: the overlays the HTML page shows, with the labelled
+  boxes and the map's peak drawn;
 - :mod:`~service.local.evaluate.runner`: the batch loop, Ctrl-C, what a folder holds to
   evaluate;
 - :mod:`~service.local.evaluate.ranking`: the measures' means by (layer, method), ranked;

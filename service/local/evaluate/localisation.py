@@ -12,15 +12,25 @@ POINTING = "pointing_game"
 ENERGY = "energy_in_box"
 
 
-def pointing_hit(heat: np.ndarray, region: np.ndarray, tolerance: float = 0.0) -> bool:
-    """Whether the map's peak (its first maximum, in raster order) lies on ``region``, or
-    within ``tolerance`` pixels of it (in rows and columns).
-
-    A map with nothing positive (Grad-CAM found no evidence for the class) has no peak: it is
-    a miss, not a hit wherever an object covers pixel (0, 0), where argmax would point."""
+def peak(heat: np.ndarray) -> tuple[int, int] | None:
+    """The map's peak as (row, column): its first maximum, in raster order; None for a map
+    with nothing positive (Grad-CAM found no evidence for the class), which has no peak."""
     if not heat.size or float(heat.max()) <= 0:
-        return False
+        return None
     row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return int(row), int(col)
+
+
+def pointing_hit(heat: np.ndarray, region: np.ndarray, tolerance: float = 0.0) -> bool:
+    """Whether the map's :func:`peak` lies on ``region``, or within ``tolerance`` pixels of it
+    (in rows and columns).
+
+    A map without a peak is a miss, not a hit wherever an object covers pixel (0, 0), where
+    argmax would point."""
+    top = peak(heat)
+    if top is None:
+        return False
+    row, col = top
     reach = math.floor(tolerance)
     window = region[
         max(0, row - reach) : row + reach + 1,

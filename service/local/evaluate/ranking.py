@@ -14,7 +14,7 @@ from service.engine.models.loaded import LoadedModel
 from service.local.evaluate.annotations import Annotation
 from service.local.evaluate.localisation import ENERGY, POINTING
 from service.local.evaluate.options import EvaluateOptions
-from service.local.evaluate.report import Report, Row
+from service.local.evaluate.report import MapThumbnail, Report, Row
 from service.local.evaluate.store import Record, Run
 from service.local.evaluate.thumbnails import THUMBNAILS_DIR, thumbnail_name
 
@@ -58,9 +58,13 @@ def ranked_report(
                     explain_ms=float(np.median([r.explain_ms for r in mine])),
                     scores_ms=float(np.median([r.scores_ms for r in mine])),
                     thumbnails=[
-                        (
-                            r.image,
-                            run.output / THUMBNAILS_DIR / thumbnail_name(layer, method, r.index),
+                        MapThumbnail(
+                            image=r.image,
+                            path=run.output
+                            / THUMBNAILS_DIR
+                            / thumbnail_name(layer, method, r.index),
+                            pointing=r.pointing,
+                            cropped=r.cropped,
                         )
                         for r in sorted(mine, key=lambda r: r.index)
                         if r.index < options.thumbnails

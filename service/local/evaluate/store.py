@@ -35,8 +35,9 @@ class Record:
     pointing: bool | None
     energy: float | None
     scores: dict[str, float]
-    explain_ms: float
+    explain_ms: float  # after a warm-up call (its one-time costs are not counted)
     scores_ms: float
+    cropped: bool = False  # part of the image was cut away before the model saw it
 
 
 def _entry(line: bytes, first: bool) -> dict[str, Any]:

@@ -9,13 +9,16 @@ and their labels alone.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from service.cli import main
+from service.engine.cam.explain import explain
 from service.local.evaluate import runner
 
 ShapesFolder = Callable[..., tuple[Path, Path]]
@@ -58,7 +61,12 @@ def test_evaluate_ranks_first_the_layer_that_points_at_the_shapes(
         assert 0.0 <= float(row["energy_in_box"]) <= 1.0
         assert float(row["explain ms/image"]) > 0
     page = (output / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == 3 * 6  # 6 thumbnails a row
+    assert page.count('src="data:image/png;base64,') == 3 * 6  # 6 thumbnails a pair
+    assert page.count("<figcaption>shape00.png<br>") == 3  # each named, with its result
+    best_maps = page.split("<h3>1. <code>layer2</code>")[1].split("</section>")[0]
+    assert best_maps.count("pointing game: hit") >= 5
+    with Image.open(output / "thumbnails" / "layer2__gradcam__00000.png") as picture:
+        assert picture.size == (256, 256)  # the 64 px image scaled up to be read
     assert "<code>gradcam-service evaluate " in page  # the command to run it again
     for external in ('src="http', "<link", "<script", "url("):  # self-contained
         assert external not in page
@@ -176,3 +184,39 @@ def test_pictures_written_by_explain_in_the_folder_are_not_evaluated(
     assert run_evaluate(shapes_models_file, folder, labels, tmp_path / "report", *options) == 0
     assert "left out 6 pictures written by gradcam-service explain" in capsys.readouterr().err
     assert "3 of 3 images evaluated" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_times_leave_out_a_warm_up_call_of_each_layer_and_method(
+    run_evaluate: RunEvaluate,
+    shapes_models_file: Path,
+    shapes_folder: ShapesFolder,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first call's one-time costs (here a 1 s sleep, once per layer and method) are paid by
+    an untimed warm-up call: no time per image carries them."""
+    folder, labels = shapes_folder(4, 29)
+    real = explain
+    calls: list[tuple[str, str]] = []
+
+    def slow_the_first_time(model: Any, inputs: Any, requests: Any, method: str) -> Any:
+        pair = (requests[0].layers[0], method)
+        if pair not in calls:
+            time.sleep(1.0)
+        calls.append(pair)
+        return real(model, inputs, requests, method=method)
+
+    monkeypatch.setattr(runner, "explain", slow_the_first_time)
+    output = tmp_path / "report"
+    options = ("--layer", "layer2", "--layer", "layer3", "--method", "gradcam")
+    extra = ("--method", "layercam", "--scores", "none", "--batch-size", "2")
+    assert run_evaluate(shapes_models_file, folder, labels, output, *options, *extra) == 0
+    pairs = {
+        (layer, method) for layer in ("layer2", "layer3") for method in ("gradcam", "layercam")
+    }
+    assert sorted(calls) == sorted([*pairs, *pairs, *pairs])  # a warm-up, then 2 batches
+    lines = (output / "results.jsonl").read_text().splitlines()[1:]
+    times = [json.loads(line)["explain_ms"] for line in lines]
+    assert len(times) == 4 * 4
+    assert all(0 < ms < 500 for ms in times), times  # 1 s over a batch of 2 would be 500+
+    assert "after one untimed warm-up call" in (output / "report.md").read_text()

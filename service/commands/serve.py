@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from service.commands.common import Subcommands, load_settings
+from service.engine.pictures.overlays import close_encoders
 from service.logs import configure_logging
 from service.settings import ConfigError
 
@@ -70,6 +71,7 @@ def serve() -> int:
         access_log=False,  # the app logs one line per request itself (service.access)
         timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
     )
+    close_encoders()  # idle pool threads, not loads: they must not count as busy below
     _exit_without_waiting_for_loads()
     return 0
 

@@ -115,11 +115,19 @@ def test_console_script_serves_and_stops_cleanly_on_sigterm(
             problem = http.get("/v1/models/absent")
             assert problem.status_code == 404
             assert problem.headers["content-type"] == "application/problem+json"
+
+            large = http.post(  # an overlay large enough for the parallel PNG encoder
+                "/v1/models/tiny/explain",
+                files={"image": ("x.png", make_image(640, 480), "image/png")},
+                data={"layer": "layer4"},
+            )
+            assert large.status_code == 200, large.text
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:
         output = _stop(process, log)
     assert "Traceback" not in output, output
+    assert "exiting without waiting" not in output, "idle threads taken for a loading model"
     access = [line for line in output.splitlines() if " service.access " in line]
     assert any("path=/v1/models/{model}/explain status=200" in line for line in access), output
 

@@ -373,6 +373,14 @@ def _deflate_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(_DEFLATE_PIECES, thread_name_prefix="gradcam-png")
 
 
+def close_encoders() -> None:
+    """Let the PNG encoder's threads end (a later encode starts new ones): a server that has
+    stopped serving should leave no idle thread for its exit to wait on."""
+    if _deflate_pool.cache_info().currsize:
+        _deflate_pool().shutdown(wait=False)
+        _deflate_pool.cache_clear()
+
+
 def _chunk(kind: bytes, payload: bytes) -> bytes:
     crc = zlib_ng.crc32(payload, zlib_ng.crc32(kind))
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)

@@ -39,6 +39,7 @@ from service.runtime.config import (
     RuntimeConfig,
     SliceMs,
     TimeoutS,
+    TorchThreads,
     WaitMs,
     WorkersPerDevice,
 )
@@ -271,6 +272,7 @@ class Settings(BaseSettings):
     # ---------------------------------------------------------------- runtime
     workers_per_device: WorkersPerDevice = _RUNTIME.workers_per_device
     cpu_workers: CpuWorkers = _RUNTIME.cpu_workers
+    torch_threads: TorchThreads | None = _RUNTIME.torch_threads
     max_batch_size: BatchSize = _RUNTIME.max_batch_size
     max_batch_wait_ms: BatchWaitMs = _RUNTIME.max_batch_wait_ms
     max_queue_size: QueueSize = _RUNTIME.max_queue_size
@@ -397,6 +399,7 @@ class Settings(BaseSettings):
             device=self.device,
             workers_per_device=self.workers_per_device,
             cpu_workers=self.cpu_workers,
+            torch_threads=self.torch_threads,
             max_batch_size=self.max_batch_size,
             max_batch_wait_ms=self.max_batch_wait_ms,
             max_queue_size=self.max_queue_size,

@@ -33,8 +33,8 @@ from service.engine.models.preprocess import map_to_original
 from service.engine.pictures.overlays import (
     NOT_SEEN_LEGEND,
     encode_png,
-    not_seen,
     overlay,
+    partly_seen,
     render_panel,
 )
 from service.engine.plan import ExplainParameters, class_from_text, plan_explain
@@ -175,7 +175,7 @@ def explain_files(
 def _partly_seen(image: LocalImage) -> bool:
     """Whether the model's input leaves part of ``image`` out (the centre crop's ends)."""
     height, width = image.geometry.original_size
-    return not_seen(image.geometry.input_box(), width, height) is not None
+    return partly_seen(image.geometry.input_box(), width, height)
 
 
 def _write(

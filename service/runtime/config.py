@@ -19,6 +19,7 @@ AutocastMode = Literal["none", "bf16", "fp16"]
 
 WorkersPerDevice = Annotated[int, Field(ge=1, le=64)]
 CpuWorkers = Annotated[int, Field(ge=1, le=256)]
+TorchThreads = Annotated[int, Field(ge=1, le=256)]
 BatchSize = Annotated[int, Field(ge=1, le=1024)]
 BatchWaitMs = Annotated[float, Field(ge=0, le=10_000)]
 QueueSize = Annotated[int, Field(ge=1)]
@@ -36,6 +37,8 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     workers_per_device: WorkersPerDevice = 1  # model replicas per device, one worker thread each
     cpu_workers: CpuWorkers = 2  # threads for decoding, preprocessing and rendering
+    # torch's intra-op threads for each replica's work; None: torch's default (one per core)
+    torch_threads: TorchThreads | None = None
     max_batch_size: BatchSize = 8  # images per worker batch
     max_batch_wait_ms: BatchWaitMs = 5.0  # how long a batch waits to fill once its first is in
     max_queue_size: QueueSize = 64  # images waiting per model; past it callers get 429

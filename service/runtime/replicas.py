@@ -84,6 +84,10 @@ async def load_replicas(
                     1, thread_name_prefix=f"gradcam-{spec.name}-{len(replicas)}"
                 )
                 try:
+                    if config.torch_threads is not None:  # per calling thread: set in this one
+                        await loop.run_in_executor(
+                            thread, torch.set_num_threads, config.torch_threads
+                        )
                     model = await loop.run_in_executor(
                         thread, partial(load_model, spec, device, autocast_dtype=autocast)
                     )

@@ -511,3 +511,28 @@ def test_the_threshold_floor_stays_in_resized_maps_and_overlays() -> None:
     assert floored.overlay is not None
     grey = np.asarray(Image.open(io.BytesIO(floored.overlay)).convert("L"))
     assert grey.min() >= round(0.25 * 255) - 2, "the overlay shows the floor, not black"
+
+
+def test_torch_threads_bounds_the_intra_op_threads_of_each_replicas_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[int] = []
+    real = workers.run_group
+
+    def counting(replica: Any, group: list[Any], config: RuntimeConfig, *rest: Any) -> Any:
+        seen.append(torch.get_num_threads())
+        return real(replica, group, config, *rest)
+
+    monkeypatch.setattr(workers, "run_group", counting)
+
+    async def scenario() -> None:
+        runtime = await _started(RuntimeConfig(torch_threads=1))
+        try:
+            await runtime.predict("tiny", [PredictJob(_image(0))])
+        finally:
+            await runtime.stop()
+
+    before = torch.get_num_threads()
+    _run(scenario)
+    assert seen == [1]
+    assert torch.get_num_threads() == before, "another thread's setting changed"

@@ -248,18 +248,26 @@ def map_to_original(
     xs -= np.float32(geometry.offset_x)
     ys = (np.arange(height, dtype=np.float32) + 0.5) * np.float32(geometry.scale_y)
     ys -= np.float32(geometry.offset_y)
-    x0, x1, wx = _bilinear_taps(xs * np.float32(source.shape[1] / in_w) - 0.5, source.shape[1])
-    y0, y1, wy = _bilinear_taps(ys * np.float32(source.shape[0] / in_h) - 0.5, source.shape[0])
-    rows = source.take(y0, axis=0) * (1 - wy)[:, None] + source.take(y1, axis=0) * wy[:, None]
-    out = rows.take(x0, axis=1) * (1 - wx)  # take(): faster than fancy indexing
-    out += rows.take(x1, axis=1) * wx
-    seen_x = (xs >= 0) & (xs < in_w)
-    seen_y = (ys >= 0) & (ys < in_h)
-    out *= seen_y[:, None] & seen_x[None, :]
+    # Only the seen columns and rows (a contiguous run of each) are interpolated.
+    cols = np.flatnonzero((xs >= 0) & (xs < in_w))
+    rows_seen = np.flatnonzero((ys >= 0) & (ys < in_h))
+    out = np.zeros((height, width), dtype=np.float32)
+    if cols.size and rows_seen.size:
+        c0, c1, r0, r1 = cols[0], cols[-1] + 1, rows_seen[0], rows_seen[-1] + 1
+        x0, x1, wx = _bilinear_taps(
+            xs[c0:c1] * np.float32(source.shape[1] / in_w) - 0.5, source.shape[1]
+        )
+        y0, y1, wy = _bilinear_taps(
+            ys[r0:r1] * np.float32(source.shape[0] / in_h) - 0.5, source.shape[0]
+        )
+        rows = source.take(y0, axis=0) * (1 - wy)[:, None] + source.take(y1, axis=0) * wy[:, None]
+        seen = rows.take(x0, axis=1) * (1 - wx)  # take(): faster than fancy indexing
+        seen += rows.take(x1, axis=1) * wx
+        out[r0:r1, c0:c1] = seen
     if normalize:
         out -= out.min()
         out /= out.max() + np.float32(1e-7)
-    return out.astype(np.float32, copy=False)
+    return out
 
 
 def _bilinear_taps(

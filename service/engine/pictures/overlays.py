@@ -74,51 +74,106 @@ def colorize(heatmap: np.ndarray, colormap: str = DEFAULT_COLORMAP) -> npt.NDArr
     ``round(v * 255)``, so 0 and 1 get the first and last colours of the map.
     """
     lut = _lut(colormap)
-    values = _as_heatmap(heatmap)
-    scaled = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)  # a copy
-    np.clip(scaled, 0.0, 1.0, out=scaled)
+    # take() gathers whole rows several times faster than fancy indexing does.
+    coloured: npt.NDArray[np.uint8] = lut.take(_lut_indices(_as_heatmap(heatmap)), axis=0)
+    return coloured
+
+
+def _lut_indices(values: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
+    """``rint(clip(v, 0, 1) x 255)`` as uint8, NaN and -inf as 0, +inf as 1: fmax and fmin
+    drop NaN, so two passes do what nan_to_num and clip did in six."""
+    scaled = np.fmax(values, 0.0)  # a copy; NaN -> 0
+    np.fmin(scaled, 1.0, out=scaled)
     scaled *= 255.0
     np.rint(scaled, out=scaled)
-    # take() gathers whole rows several times faster than fancy indexing does.
-    coloured: npt.NDArray[np.uint8] = lut.take(scaled.astype(np.uint8), axis=0)
-    return coloured
+    indices: npt.NDArray[np.uint8] = scaled.astype(np.uint8)
+    return indices
+
+
+def seen_range(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """(x0, x1, y0, y1): the columns ``x0 <= x < x1`` and rows ``y0 <= y < y1`` of a picture of
+    ``width`` x ``height`` pixels whose centres lie in ``box``."""
+    left, top, right, bottom = box
+
+    def first(edge: float, size: int) -> int:  # the first pixel whose centre is at or past edge
+        return min(size, max(0, math.ceil(edge - 0.5)))
+
+    return first(left, width), first(right, width), first(top, height), first(bottom, height)
+
+
+def _not_seen_parts(box: Box | None, width: int, height: int) -> list[tuple[slice, slice]]:
+    """The rectangles (rows, columns) outside ``box``: at most four, none when it covers all."""
+    if box is None:
+        return []
+    x0, x1, y0, y1 = seen_range(box, width, height)
+    if x0 >= x1 or y0 >= y1:
+        return [(slice(0, height), slice(0, width))]
+    parts = [
+        (slice(0, y0), slice(0, width)),
+        (slice(y1, height), slice(0, width)),
+        (slice(y0, y1), slice(0, x0)),
+        (slice(y0, y1), slice(x1, width)),
+    ]
+    return [
+        (rows, cols) for rows, cols in parts if rows.stop > rows.start and cols.stop > cols.start
+    ]
+
+
+def partly_seen(box: Box | None, width: int, height: int) -> bool:
+    """Whether some pixel of a ``width`` x ``height`` picture lies outside ``box``."""
+    return bool(_not_seen_parts(box, width, height))
 
 
 def not_seen(box: Box | None, width: int, height: int) -> npt.NDArray[np.bool_] | None:
     """``HxW`` True where a picture of ``width`` x ``height`` pixels lies outside ``box`` (the
     part the model saw), or None when nothing does (or no box is given)."""
-    if box is None:
+    parts = _not_seen_parts(box, width, height)
+    if not parts:
         return None
-    left, top, right, bottom = box
-    xs = np.arange(width, dtype=np.float64) + 0.5
-    ys = np.arange(height, dtype=np.float64) + 0.5
-    seen_x = (xs >= left) & (xs < right)
-    seen_y = (ys >= top) & (ys < bottom)
-    if seen_x.all() and seen_y.all():
-        return None
-    mask: npt.NDArray[np.bool_] = ~(seen_y[:, None] & seen_x[None, :])
+    mask = np.zeros((height, width), dtype=np.bool_)
+    for rows, cols in parts:
+        mask[rows, cols] = True
     return mask
 
 
-def not_seen_colour(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+def not_seen_colour(
+    pixels: npt.NDArray[np.uint8], origin: tuple[int, int] = (0, 0)
+) -> npt.NDArray[np.uint8]:
     """The not-seen rendering of ``HxWx3`` uint8 ``pixels``: their grey (ITU-R 601 luma in 8.8
-    fixed point, ``(77 R + 150 G + 29 B + 128) >> 8``), hatched (:data:`HATCH_PERIOD`)."""
-    rgb = pixels.astype(np.uint16)
-    grey = (rgb[..., 0] * 77 + rgb[..., 1] * 150 + rgb[..., 2] * 29 + 128) >> 8
-    height, width = grey.shape
-    stripes = (np.arange(height)[:, None] + np.arange(width)[None, :]) % HATCH_PERIOD < HATCH_WIDTH
-    grey = np.where(stripes, (grey + HATCH_GREY) >> 1, grey)
+    fixed point, ``(77 R + 150 G + 29 B + 128) >> 8``), hatched (:data:`HATCH_PERIOD`) where
+    ``(x + y) % period < width`` in the picture's coordinates (``pixels`` begins at ``origin``,
+    (row, column), of it)."""
+    height, width = pixels.shape[:2]
+    grey = pixels[..., 0] * np.uint16(77)
+    grey += pixels[..., 1] * np.uint16(150)
+    grey += pixels[..., 2] * np.uint16(29)
+    grey += np.uint16(128)
+    grey >>= np.uint16(8)
+    stripes = _stripes(origin, height, width)
+    grey[stripes] = (grey[stripes] + HATCH_GREY) >> 1
     return np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+_STRIPE_TILE: Final = (
+    np.add.outer(np.arange(HATCH_PERIOD), np.arange(HATCH_PERIOD)) % HATCH_PERIOD < HATCH_WIDTH
+)
+
+
+def _stripes(origin: tuple[int, int], height: int, width: int) -> npt.NDArray[np.bool_]:
+    """Where the hatching's stripes lie on a ``height`` x ``width`` part at ``origin``."""
+    y, x = origin[0] % HATCH_PERIOD, origin[1] % HATCH_PERIOD
+    reps = (-(-(height + y) // HATCH_PERIOD), -(-(width + x) // HATCH_PERIOD))
+    return np.tile(_STRIPE_TILE, reps)[y : y + height, x : x + width]
 
 
 def _paint_not_seen(
     colour: npt.NDArray[np.uint8], pixels: npt.NDArray[np.uint8], box: Box | None
 ) -> npt.NDArray[np.uint8]:
-    """``colour`` with the pixels outside ``box`` replaced by their not-seen rendering."""
+    """``colour`` with the pixels outside ``box`` replaced by their not-seen rendering (only
+    those are computed: the border is a small part of the picture)."""
     height, width = pixels.shape[:2]
-    mask = not_seen(box, width, height)
-    if mask is not None:
-        colour[mask] = not_seen_colour(pixels)[mask]
+    for rows, cols in _not_seen_parts(box, width, height):
+        colour[rows, cols] = not_seen_colour(pixels[rows, cols], (rows.start, cols.start))
     return colour
 
 
@@ -147,13 +202,21 @@ def overlay(
             f"{pixels.shape[:2]}; resize the heatmap to the image first"
         )
         raise ValueError(msg)
-    colour = _paint_not_seen(colorize(values, colormap), pixels, seen)
     # In 8.8 fixed point: (image * (256 - w) + colour * w + 128) >> 8 with w = alpha * 256,
-    # within 1 of the float blend; uint16 cannot overflow (255 * 256 + 128 < 65536).
+    # within 1 of the float blend; uint16 cannot overflow (255 * 256 + 128 < 65536). The
+    # colour term comes premultiplied from the table, so the map costs one gather.
     w = np.uint16(round(weight * 256))
-    blended = pixels.astype(np.uint16) * (np.uint16(256) - w)
-    blended += colour.astype(np.uint16) * w
-    blended += np.uint16(128)
+    keep = np.uint16(256) - w
+    premultiplied = _lut(colormap).astype(np.uint16) * w + np.uint16(128)
+    blended = pixels.astype(np.uint16)
+    blended *= keep
+    blended += premultiplied.take(_lut_indices(values), axis=0)
+    height, width = pixels.shape[:2]
+    for rows, cols in _not_seen_parts(seen, width, height):
+        part = pixels[rows, cols].astype(np.uint16) * keep
+        part += not_seen_colour(pixels[rows, cols], (rows.start, cols.start)).astype(np.uint16) * w
+        part += np.uint16(128)
+        blended[rows, cols] = part
     blended >>= np.uint16(8)
     return blended.astype(np.uint8)
 
@@ -196,7 +259,7 @@ def render_panel(
         overlay(shown, heat, colormap, alpha, seen=box),
         _paint_not_seen(colorize(heat, colormap), shown, box),
     ]
-    hidden = not_seen(box, panel_w, panel_h) is not None
+    hidden = partly_seen(box, panel_w, panel_h)
 
     font_size = max(11, round(panel_h / 22))
     font = _font(font_size)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from service.engine.pictures.overlays import encode_png, not_seen, overlay
+from service.engine.pictures.overlays import encode_png, overlay, partly_seen
 from service.local.evaluate.localisation import peak
 from service.local.files import LocalImage, safe_name
 
@@ -41,7 +41,7 @@ def crops_away(image: LocalImage) -> bool:
     """Whether part of ``image`` never reached the model (the centre crop's cut ends): its
     thumbnails show that part hatched, and the report's legend says what hatching means."""
     width, height = image.decoded.width, image.decoded.height
-    return not_seen(image.geometry.input_box(), width, height) is not None
+    return partly_seen(image.geometry.input_box(), width, height)
 
 
 def thumbnail(

@@ -165,7 +165,7 @@ def explain_files(
     )
     if cropped:
         print(
-            f"{cropped} of the images are not the model's shape: in their pictures, "
+            f"the model's crop left out part of {cropped} of the images: in their pictures, "
             + NOT_SEEN_LEGEND,
             file=sys.stderr,
         )

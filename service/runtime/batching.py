@@ -37,7 +37,7 @@ R = TypeVar("R")
 
 #: Weight of the newest batch in the decaying average of the time per item.
 _EWMA_WEIGHT = 0.2
-#: Group keys remembered as warmed up; past that many, every call is measured.
+#: (worker, kind of work) pairs remembered as warmed up; past that many, every call is measured.
 _MAX_WARM_KEYS = 4096
 
 
@@ -118,6 +118,7 @@ class Batcher(Generic[T, R]):
         solo_seconds: Callable[[T], float] = lambda item: 0.0,
         slice_s: float = 0.0,
         item_seconds: float = 0.0,
+        warm_key: Callable[[T], Hashable] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_batch_wait_s < 0:
             raise ValueError("batch size and queue size must be >= 1, the wait budget >= 0")
@@ -143,9 +144,12 @@ class Batcher(Generic[T, R]):
         self._loop_ids = itertools.count()
         # Worker loop -> (started, items, solo) of the batch it handles now.
         self._batches: dict[int, tuple[float, int, bool]] = {}
-        # Group keys handled once: a key's first call pays one-time costs (kernels chosen,
-        # buffers allocated), so it is not measured into the time per item.
-        self._warm: set[Hashable] = set()
+        # (worker, kind of work) handled once: the first call of a kind on a worker pays
+        # one-time costs (kernels chosen, buffers allocated), so it is not measured into the
+        # time per item. The kind (``warm_key``) is coarser than the group key, whose options
+        # (a threshold, say) would make every call a first one.
+        self._warm: set[tuple[Hashable, Hashable]] = set()
+        self._warm_key = warm_key or group_key
         self._working: dict[int, _Entry[T, R]] = {}  # id(item) -> entry, in handler calls
         self._arriving: Counter[Hashable] = Counter()  # items about to be put, by lane
         #: Decaying average of handler-call durations per item, from ``item_seconds`` (a first
@@ -312,7 +316,7 @@ class Batcher(Generic[T, R]):
                 for entry in batch:
                     groups.setdefault(self._group_key(entry.item), []).append(entry)
                 for key, group in groups.items():
-                    await self._handle(handler, key, group)
+                    await self._handle(handler, key, group, loop_id)
                 del self._batches[loop_id]
         finally:
             self._batches.pop(loop_id, None)
@@ -416,21 +420,24 @@ class Batcher(Generic[T, R]):
         started: float,
         outcome: Sequence[R | BaseException] | BaseException,
         seconds: float | None = None,
+        worker: Hashable = None,
     ) -> None:
         """End a begun group: one result per item (a value or its exception), or one exception
-        for all; ``seconds`` it computed for (default: since ``started``)."""
+        for all; ``seconds`` it computed for (default: since ``started``), on ``worker`` (the
+        loop or replica: each pays its own first call of a kind of work)."""
         seconds = time.perf_counter() - started if seconds is None else seconds
         for entry in group:
             self._working.pop(id(entry.item), None)
+        warm = (worker, self._warm_key(group[0].item))
         if group[0].solo:
             pass
-        elif key in self._warm or len(self._warm) >= _MAX_WARM_KEYS:
+        elif warm in self._warm or len(self._warm) >= _MAX_WARM_KEYS:
             per_item = seconds / len(group)
             weight = _EWMA_WEIGHT if self._measured else 1.0  # the first measured sets it
             self.item_seconds += weight * (per_item - self.item_seconds)
             self._measured = True
         else:
-            self._warm.add(key)
+            self._warm.add(warm)
         if self._on_group is not None:
             self._on_group(key, len(group), seconds)
         if not isinstance(outcome, BaseException) and len(outcome) != len(group):
@@ -451,7 +458,7 @@ class Batcher(Generic[T, R]):
                 )
 
     async def _handle(
-        self, handler: Handler[T, R], key: Hashable, group: list[_Entry[T, R]]
+        self, handler: Handler[T, R], key: Hashable, group: list[_Entry[T, R]], worker: int
     ) -> None:
         group = [entry for entry in group if not entry.future.done()]
         if not group:
@@ -464,6 +471,6 @@ class Batcher(Generic[T, R]):
         except Exception as exc:
             results = exc
         except BaseException as exc:  # cancelled: the worker loop is stopping
-            self.finish(key, group, started, exc)
+            self.finish(key, group, started, exc, worker=worker)
             raise
-        self.finish(key, group, started, results)
+        self.finish(key, group, started, results, worker=worker)

@@ -37,7 +37,8 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     workers_per_device: WorkersPerDevice = 1  # model replicas per device, one worker thread each
     cpu_workers: CpuWorkers = 2  # threads for decoding, preprocessing and rendering
-    # torch's intra-op threads for each replica's work; None: torch's default (one per core)
+    # torch's intra-op threads for the replicas' work (set in each replica's thread; threads
+    # started later begin with it too); None: torch's default (one per core)
     torch_threads: TorchThreads | None = None
     max_batch_size: BatchSize = 8  # images per worker batch
     max_batch_wait_ms: BatchWaitMs = 5.0  # how long a batch waits to fill once its first is in

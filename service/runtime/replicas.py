@@ -84,7 +84,7 @@ async def load_replicas(
                     1, thread_name_prefix=f"gradcam-{spec.name}-{len(replicas)}"
                 )
                 try:
-                    if config.torch_threads is not None:  # per calling thread: set in this one
+                    if config.torch_threads is not None:  # the calling thread's, and new threads'
                         await loop.run_in_executor(
                             thread, torch.set_num_threads, config.torch_threads
                         )

@@ -57,6 +57,10 @@ class WorkItem:
             return ("predict",)
         return ("explain", self.method, self.post, self.scores)
 
+    def warm_key(self) -> Hashable:
+        """The kind of work whose first call on a replica pays one-time costs."""
+        return (self.kind, self.method)
+
 
 @dataclass
 class Computed:
@@ -155,6 +159,7 @@ class ServedModel:
             max_queued_per_lane=config.max_queued_per_caller,
             max_wait_s=config.max_queue_wait_ms / 1000.0,
             group_key=WorkItem.group_key,
+            warm_key=WorkItem.warm_key,
             on_group=self._observe,
             solo=lambda item: item.long,
             solo_seconds=lambda item: self.pace.seconds(item.cost, 1),
@@ -208,7 +213,7 @@ class ServedModel:
 
         def take_others() -> list[Lent]:
             return [
-                ([entry.item for entry in entries], partial(self._file, key, entries))
+                ([entry.item for entry in entries], partial(self._file, replica, key, entries))
                 for key, entries in self.batcher.take_nowait()
             ]
 
@@ -235,9 +240,17 @@ class ServedModel:
             forward_pass_s=self.pace.pass_s,
         )
 
-    def _file(self, key: Hashable, entries: list[Any], results: Any, seconds: float) -> None:
+    def _file(
+        self,
+        replica: LoadedModel,
+        key: Hashable,
+        entries: list[Any],
+        results: Any,
+        seconds: float,
+    ) -> None:
         """File the results of a group lent a long job's worker (on the event loop)."""
-        self.batcher.finish(key, entries, entries[0].started, results, seconds)
+        worker = ("lent", id(replica))
+        self.batcher.finish(key, entries, entries[0].started, results, seconds, worker)
 
     def _worker_error(self, exc: Exception, size: int) -> WorkerError:
         logger.error(

@@ -520,6 +520,15 @@ def test_the_layer_menu_lists_the_stages_first_and_the_rest_under_all_layers(
     assert f"all layers ({len(layers['layers'])})" in page.inner_text("label[for=all-layers]")
     session.screenshot("layers-grouped")
 
+    # A layer chosen from the full list stays chosen, and listed, when the box is unticked.
+    other = groups[1][1][0]
+    page.select_option(menu, other)
+    session.wait_explained(2)
+    page.uncheck("[data-testid=all-layers]")
+    assert page.input_value(menu) == other
+    listed = page.eval_on_selector_all(f"{menu} option", "os => os.map(o => o.value)")
+    assert set(listed) == {*shown, other}
+
 
 def test_a_wide_upload_shows_its_cropped_away_ends_hatched_and_says_so(
     session: Session, make_image: Callable[..., bytes], square: bytes

@@ -189,7 +189,7 @@ def test_a_wide_image_gets_its_cropped_ends_hatched_and_the_summary_says_so(
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "s.png")
     assert _explain(shapes_models_file, str(tmp_path), "--alpha", "1") == 0
     err = capsys.readouterr().err
-    assert "1 of the images are not the model's shape" in err
+    assert "the model's crop left out part of 1 of the images" in err
     assert "hatched: not seen by the model" in err
     (overlay,) = tmp_path.glob("w.*.overlay.png")
     drawn = np.asarray(Image.open(overlay).convert("RGB")).astype(np.int16)

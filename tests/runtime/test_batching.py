@@ -408,3 +408,38 @@ def test_a_lone_request_of_long_jobs_is_never_refused_for_its_own_length() -> No
     # length is the deadline's business, checked before queueing; a 429 could not help).
     assert batcher.predicted_wait_s(3, lane="a", solo_s=5.0) == 0.0
     assert batcher.admit(3, lane="a", solo_s=5.0) == 0.0
+
+
+def test_each_workers_first_call_of_a_kind_of_work_is_left_out_of_the_time_per_item() -> None:
+    """Two replicas each pay their own first call; and calls whose group keys differ (another
+    threshold, say) but whose kind of work is the same are measured after the first."""
+
+    class FirstSlow(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = True
+
+        async def __call__(self, items: list[int]) -> list[int]:
+            await asyncio.sleep(0.4 if self.first else 0.01)
+            self.first = False
+            return await super().__call__(items)
+
+    async def scenario() -> tuple[float, float]:
+        batcher = Batcher(
+            max_batch_size=1,
+            max_batch_wait_s=0.0,
+            max_queue_size=16,
+            group_key=lambda item: item,  # every item its own group
+            warm_key=lambda item: "explain",
+            item_seconds=0.02,
+        )
+        loops = [asyncio.create_task(batcher.run(FirstSlow())) for _ in range(2)]
+        await asyncio.gather(batcher.submit([1]), batcher.submit([2]))  # one on each loop
+        after_first_calls = batcher.item_seconds
+        await asyncio.gather(*(batcher.submit([item]) for item in range(3, 9)))
+        await _stop(batcher, loops)
+        return after_first_calls, batcher.item_seconds
+
+    after_first_calls, warmed = _run(scenario())
+    assert after_first_calls == 0.02, "a replica's first call moved the estimate"
+    assert 0.005 < warmed < 0.1, "calls of the same kind with other keys were not measured"

@@ -533,6 +533,11 @@ def test_torch_threads_bounds_the_intra_op_threads_of_each_replicas_thread(
             await runtime.stop()
 
     before = torch.get_num_threads()
-    _run(scenario)
-    assert seen == [1]
-    assert torch.get_num_threads() == before, "another thread's setting changed"
+    try:
+        _run(scenario)
+        assert seen == [1]
+        assert torch.get_num_threads() == before, "a running thread's setting changed"
+    finally:  # the setting is also the default of threads started later: put it back
+        restore = threading.Thread(target=torch.set_num_threads, args=(before,))
+        restore.start()
+        restore.join()

@@ -182,17 +182,20 @@ async function loadModels() {
 
 async function loadLayers() {
   const model = $("model").value;
+  state.layers = null; // never the last model's layers under this model's name
+  $("layer").replaceChildren();
   state.layers = await call(`/v1/models/${encodeURIComponent(model)}/layers`);
   showLayers(state.layers.default_layer);
 }
 
 /**
- * The layer menu: the model's stages and its default layer; with "all layers" ticked, those
- * first and then every layer in forward order, in two groups. `selected` stays chosen (the
- * box is ticked when only the full list has it).
+ * The layer menu: the model's stages and its default layer (and `selected`, if it is another
+ * layer); with "all layers" ticked, those first and then every other layer in forward order,
+ * in two groups. `selected` stays chosen.
  */
 function showLayers(selected) {
   const list = state.layers;
+  if (!list) return;
   const option = (layer) => new Option(
     `${layer.name} · ${layer.grid[0]}×${layer.grid[1]}`
       + (layer.name === list.default_layer ? " (default)" : ""),
@@ -201,9 +204,10 @@ function showLayers(selected) {
     layer.name === selected,
   );
   const main = list.layers.filter((l) => l.stage || l.name === list.default_layer);
+  const shown = list.layers.filter((l) => main.includes(l) || l.name === selected);
   const all = $("all-layers");
   all.disabled = main.length === list.layers.length;
-  if (!main.some((l) => l.name === selected)) all.checked = !all.disabled;
+  if (all.disabled) all.checked = false;
   $("all-layers-count").textContent = String(list.layers.length);
   const group = (label, layers) => {
     const element = document.createElement("optgroup");
@@ -214,7 +218,7 @@ function showLayers(selected) {
   $("layer").replaceChildren(
     ...(all.checked
       ? [group("Stages", main), group("All layers", list.layers.filter((l) => !main.includes(l)))]
-      : main.map(option)),
+      : shown.map(option)),
   );
   $("layer").value = selected;
   if (!$("layer").value) $("layer").value = list.default_layer;

@@ -248,12 +248,14 @@ def map_to_original(
     xs -= np.float32(geometry.offset_x)
     ys = (np.arange(height, dtype=np.float32) + 0.5) * np.float32(geometry.scale_y)
     ys -= np.float32(geometry.offset_y)
-    # Only the seen columns and rows (a contiguous run of each) are interpolated.
-    cols = np.flatnonzero((xs >= 0) & (xs < in_w))
-    rows_seen = np.flatnonzero((ys >= 0) & (ys < in_h))
+    # Only the seen columns and rows are interpolated: those whose centre lies in the input's
+    # box, decided in float64 as the overlays' hatching decides it (overlays.seen_range; the
+    # page's render.js too), so that a map's zeros are exactly the hatched pixels.
+    left, top, right, bottom = geometry.input_box()
+    c0, c1 = _first_centre_at(left, width), _first_centre_at(right, width)
+    r0, r1 = _first_centre_at(top, height), _first_centre_at(bottom, height)
     out = np.zeros((height, width), dtype=np.float32)
-    if cols.size and rows_seen.size:
-        c0, c1, r0, r1 = cols[0], cols[-1] + 1, rows_seen[0], rows_seen[-1] + 1
+    if c0 < c1 and r0 < r1:
         x0, x1, wx = _bilinear_taps(
             xs[c0:c1] * np.float32(source.shape[1] / in_w) - 0.5, source.shape[1]
         )
@@ -268,6 +270,11 @@ def map_to_original(
         out -= out.min()
         out /= out.max() + np.float32(1e-7)
     return out
+
+
+def _first_centre_at(edge: float, size: int) -> int:
+    """The first of ``size`` pixels whose centre (``i + 0.5``) is at or past ``edge``."""
+    return min(size, max(0, math.ceil(edge - 0.5)))
 
 
 def _bilinear_taps(

@@ -8,11 +8,12 @@ high values black), and overlays are blended in 16-bit fixed point, which cannot
 (adding in uint8 wrapped bright pixels around to dark ones). PNGs are written by
 :func:`encode_png`, made for speed.
 
-Where an upload is not the model's shape, part of it never reaches the model (the centre crop
-cuts the long side's ends). Its map is 0 there, which a colour table would paint as "the model
-did not look here". Given the ``seen`` box, pixels outside it are drawn as not seen instead:
-the image without colour, hatched (:func:`not_seen_colour`), blended like the heatmap's colour.
-The page draws the same pixels (``service/api/static/render.js``).
+Part of an upload may never reach the model: the centre crop cuts a non-square image's ends,
+and with a ``crop_pct`` below 1 (most timm models) a frame on every side. Its map is 0 there,
+which a colour table would paint as "the model did not look here". Given the ``seen`` box,
+pixels outside it are drawn as not seen instead: the image without colour, hatched
+(:func:`not_seen_colour`), blended like the heatmap's colour. The page draws the same pixels
+(``service/api/static/render.js``).
 """
 
 from __future__ import annotations

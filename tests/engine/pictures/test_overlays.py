@@ -435,3 +435,26 @@ def test_png_encoding_compresses_smooth_pictures() -> None:
     y, x = np.mgrid[0:256, 0:256]
     smooth = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
     assert len(encode_image(smooth, "png")) < smooth.nbytes / 4
+
+
+@pytest.mark.parametrize(
+    ("width", "height"), [(438, 328), (753, 376), (872, 872), (977, 488), (224, 224), (201, 119)]
+)
+def test_a_maps_zeros_on_the_image_are_exactly_the_hatched_pixels(width: int, height: int) -> None:
+    """map_to_original and the hatching decide what the model saw by one rule (float64 on the
+    input's box): sizes where a float32 decision once differed by a column."""
+    from service.engine.models.preprocess import Geometry, map_to_original
+
+    short = min(width, height)
+    geometry = Geometry(
+        original_size=(height, width),
+        input_size=(224, 224),
+        scale_x=256 / short,
+        scale_y=256 / short,
+        offset_x=round((256 * width / short - 224) / 2),
+        offset_y=round((256 * height / short - 224) / 2),
+    )
+    ones = map_to_original(np.ones((7, 7), dtype=np.float32), geometry, normalize=False)
+    mask = not_seen(geometry.input_box(), width, height)
+    assert mask is not None
+    assert np.array_equal(ones == 0, mask)
